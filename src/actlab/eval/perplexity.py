@@ -1,0 +1,60 @@
+"""Perplexity over token windows: exp of the mean next-token NLL over the seq_len - 1 predicted tokens."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from actlab.models.loader import LoadedModel
+from actlab.progress import track
+
+LOGITS_BUDGET_BYTES = 1 << 30  # batch size is chosen so one batch's logits stay under this
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll: float
+    tokens: int
+    seq_len: int
+    windows: int
+    model: str
+    seconds: float
+    batch_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def window_nll(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of each window (float64), shape [batch]."""
+    logits = model(input_ids=batch).logits
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
+    return loss.view(batch.shape[0], -1).double().sum(dim=1)
+
+
+def auto_batch_size(lm: LoadedModel, seq_len: int) -> int:
+    per_window = seq_len * lm.adapter.vocab_size * 4 * 2  # logits + their float copy
+    return max(1, LOGITS_BUDGET_BYTES // per_window)
+
+
+@torch.no_grad()
+def perplexity(lm: LoadedModel, windows: torch.Tensor, batch_size: int | None = None,
+               progress: bool = True) -> PerplexityResult:
+    batch_size = batch_size or auto_batch_size(lm, windows.shape[1])
+    windows = windows.to(lm.device)
+    start = time.perf_counter()
+    total = torch.zeros((), dtype=torch.float64)
+    batches = range(0, len(windows), batch_size)
+    for i in track(batches, total=len(batches), description="perplexity", enabled=progress):
+        total += window_nll(lm.model, windows[i : i + batch_size]).sum().cpu()
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
+    nll = float(total) / tokens
+    return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=tokens, seq_len=int(windows.shape[1]),
+                            windows=int(windows.shape[0]), model=lm.name, seconds=time.perf_counter() - start,
+                            batch_size=batch_size)

@@ -1,0 +1,8 @@
+"""Load models by name, hub id, directory or GGUF file; cache; architecture adapters."""
+
+from actlab.models.adapter import LayerView, LinearView, ModelAdapter, adapter_for
+from actlab.models.loader import LoadedModel, list_models, load_model
+from actlab.models.registry import BUILTINS, DEFAULT_MODEL
+
+__all__ = ["BUILTINS", "DEFAULT_MODEL", "LayerView", "LinearView", "LoadedModel", "ModelAdapter", "adapter_for",
+           "list_models", "load_model"]

