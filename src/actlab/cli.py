@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -63,6 +64,52 @@ def ppl_cmd(
     out = {**result.to_dict(), "data": corpus.name, "protocol": spec.describe()}
     _emit(out, as_json, f"{lm.name} on {corpus.name}: ppl {result.ppl:.4f} over {result.tokens} predicted tokens "
                         f"({result.windows} windows x {result.seq_len}) in {result.seconds:.1f}s")
+
+
+@app.command("profile")
+def profile_cmd(
+    model: ModelOpt = "smollm2-135m",
+    data: Annotated[Optional[str], typer.Option(help="corpus (default: python-docs, shipped with Python)")] = None,
+    tokens: Annotated[int, typer.Option(help="tokens to profile (rounded up to whole windows)")] = 32 * 1024,
+    seq_len: Annotated[int, typer.Option("--seq-len")] = 1024,
+    sites: Annotated[Optional[str], typer.Option(help="comma-separated site patterns, e.g. 'L*.down_in,L*.resid_out'")] = None,
+    out: Annotated[Optional[str], typer.Option(help="run directory (default runs/<model>-<time>)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue a partial run, or extend a complete one to --tokens")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing run in --out")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 1,
+    query_stride: Annotated[int, typer.Option(help="attention statistics read every n-th query")] = 16,
+    lens_stride: Annotated[int, typer.Option(help="logit lens reads every n-th position")] = 128,
+) -> None:
+    """Profile activations at every site and write tables, raw state and report.html into a run directory."""
+    import time as _time
+
+    from actlab.runs import ProfileOptions, profile
+
+    out = out or f"runs/{Path(model).name}-{_time.strftime('%Y%m%d-%H%M%S')}"
+    options = ProfileOptions(sites=sites, query_stride=query_stride, lens_stride=lens_stride, batch_size=batch_size)
+    run = profile(model, data, out, tokens=tokens, seq_len=seq_len, options=options, resume=resume,
+                  overwrite=overwrite, log=_log)
+    manifest = run.manifest()
+    print(f"{manifest['status']}: {manifest.get('tokens_done')} tokens, {len(manifest['sites'])} sites -> "
+          f"{run.path / 'report.html'}")
+
+
+@app.command("report")
+def report_cmd(run: Annotated[str, typer.Argument(help="a complete run directory")]) -> None:
+    """Re-render report.html of a run from its tables."""
+    from actlab.runs import rerender
+
+    print(rerender(run))
+
+
+@app.command("merge")
+def merge_cmd(runs: Annotated[list[str], typer.Argument(help="two or more complete runs")],
+              out: Annotated[str, typer.Option(help="new run directory")]) -> None:
+    """Merge the statistics of runs of the same model (e.g. profiled on different corpora) into a new run."""
+    from actlab.runs import merge
+
+    target = merge(runs, out, log=_log)
+    print(f"merged {len(runs)} runs -> {target.path / 'report.html'}")
 
 
 def main() -> None:

@@ -1,0 +1,132 @@
+"""Turn profile tables into short findings a researcher can act on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+BI_DROP = 0.02  # Block Influence under which a layer is a dropping candidate (ShortGPT)
+ATTN_REDUNDANT_COS = 0.99  # cos(x, x + attn) above which the attention sublayer barely turns the stream
+MASSIVE_FACTOR = 100.0  # max |x| over median |x| of the residual stream that counts as massive
+SINK_MASS = 0.5  # first-token attention mass that makes a head a sink head
+SPARSITY_EPS = 0.01
+
+
+@dataclass
+class Finding:
+    topic: str
+    text: str
+
+
+def _ranges(layers: list[int]) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'."""
+    out, start, prev = [], None, None
+    for x in sorted(layers):
+        if start is None:
+            start = prev = x
+        elif x == prev + 1:
+            prev = x
+        else:
+            out.append(f"{start}-{prev}" if prev != start else f"{start}")
+            start = prev = x
+    if start is not None:
+        out.append(f"{start}-{prev}" if prev != start else f"{start}")
+    return ", ".join(out)
+
+
+def layer_findings(layers: pd.DataFrame) -> list[Finding]:
+    out: list[Finding] = []
+    if "block_influence" not in layers:
+        return out
+    bi = layers.dropna(subset=["block_influence"])
+    low = bi[bi["block_influence"] < BI_DROP]["layer"].tolist()
+    if low:
+        out.append(Finding("layers", f"layers {_ranges(low)} have Block Influence < {BI_DROP}: candidates for "
+                                     "dropping (ShortGPT)"))
+    lowest = bi.nsmallest(min(3, len(bi)), "block_influence")
+    out.append(Finding("layers", "lowest Block Influence: " + ", ".join(
+        f"layer {int(r.layer)} ({r.block_influence:.3f})" for r in lowest.itertuples())))
+    if "cos_attn" in layers:
+        quiet = layers[layers["cos_attn"] > ATTN_REDUNDANT_COS]["layer"].tolist()
+        if quiet:
+            out.append(Finding("layers", f"attention sublayers of layers {_ranges(quiet)} change the residual "
+                                         f"direction by less than cos {ATTN_REDUNDANT_COS}: attention-drop candidates"))
+    if "logit_lens_loss" in layers and layers["logit_lens_loss"].notna().any():
+        lens = layers.dropna(subset=["logit_lens_loss"])
+        final = float(lens["logit_lens_loss"].iloc[-1])
+        close = lens[lens["logit_lens_loss"] <= final * 1.1]
+        first = int(close["layer"].iloc[0])
+        out.append(Finding("logit lens", f"the logit lens comes within 10% of the final loss ({final:.2f} nats) at "
+                                         f"layer {first} of {len(layers)}"))
+    return out
+
+
+def massive_findings(layers: pd.DataFrame, top: pd.DataFrame) -> list[Finding]:
+    if "resid_max_over_median" not in layers or top is None or not len(top):
+        return []
+    massive = layers[layers["resid_max_over_median"] > MASSIVE_FACTOR]
+    if not len(massive):
+        return [Finding("massive activations", f"no residual-stream value exceeds {MASSIVE_FACTOR:g}x the median "
+                                               "magnitude of its layer")]
+    peak = massive.loc[massive["resid_max_over_median"].idxmax()]
+    resid = top[top["site"].str.endswith("resid_out")]
+    big = resid[resid["layer"].isin(massive["layer"])]
+    channels = big["channel"].value_counts().head(3).index.tolist()
+    tokens = big["token"].value_counts().head(3).index.tolist()
+    positions = big["position"].value_counts().head(3).index.tolist()
+    return [Finding("massive activations",
+                    f"massive activations in layers {_ranges(massive['layer'].astype(int).tolist())}: up to "
+                    f"{peak['resid_max_abs']:.0f} ({peak['resid_max_over_median']:.0f}x the median |x|) at layer "
+                    f"{int(peak['layer'])}; channels {channels}, tokens {tokens}, positions {positions}")]
+
+
+def attention_findings(heads: pd.DataFrame, sink_tokens: pd.DataFrame) -> list[Finding]:
+    if heads is None or not len(heads):
+        return []
+    sinks = heads[heads["first_token_mass"] > SINK_MASS]
+    out = [Finding("attention", f"{len(sinks)} of {len(heads)} heads put more than {SINK_MASS:.0%} of their "
+                                f"attention on the first token (mean over all heads "
+                                f"{heads['first_token_mass'].mean():.0%})")]
+    ratio = heads["value_norm_first_ratio"].replace([np.inf, -np.inf], np.nan).dropna()
+    if len(ratio):
+        out.append(Finding("attention", f"value vectors at the first token are {ratio.median():.2f}x the norm of "
+                                        "the other positions (median over heads)"))
+    if sink_tokens is not None and len(sink_tokens):
+        top = ", ".join(f"{t!r} ({c})" for t, c in zip(sink_tokens["token"].head(5), sink_tokens["count"].head(5)))
+        out.append(Finding("attention", f"later-token sinks (keys other than the first drawing > threshold mass): {top}"))
+    return out
+
+
+def neuron_findings(neurons: pd.DataFrame) -> list[Finding]:
+    if neurons is None or not len(neurons):
+        return []
+    dead, on = int(neurons["dead"].sum()), int(neurons["always_on"].sum())
+    per_layer = neurons.groupby("layer")["dead"].sum()
+    worst = per_layer.idxmax() if dead else None
+    text = f"{dead} of {len(neurons)} MLP neurons are dead and {on} always on"
+    if worst is not None:
+        text += f" (most dead neurons in layer {worst}: {int(per_layer.max())})"
+    return [Finding("neurons", text)]
+
+
+def sparsity_findings(sparsity: pd.DataFrame) -> list[Finding]:
+    if sparsity is None or not len(sparsity):
+        return []
+    out = []
+    near = sparsity[np.isclose(sparsity["eps"], SPARSITY_EPS, rtol=0.3)]
+    for kind in ("down_in", "mlp_in", "attn_in", "o_in"):
+        rows = near[near["kind"] == kind]
+        if len(rows):
+            out.append(Finding("sparsity", f"{kind}: median over layers {rows['fraction_below'].median():.0%} of "
+                                           f"values below |x| < {rows['eps'].iloc[0]:.3g} "
+                                           f"(range {rows['fraction_below'].min():.0%}-{rows['fraction_below'].max():.0%})"))
+    return out
+
+
+def findings(tables: dict[str, pd.DataFrame]) -> list[Finding]:
+    layers = tables.get("layers", pd.DataFrame())
+    return (layer_findings(layers) + massive_findings(layers, tables.get("top_activations"))
+            + attention_findings(tables.get("heads"), tables.get("sink_tokens"))
+            + neuron_findings(tables.get("neurons")) + sparsity_findings(tables.get("sparsity")))

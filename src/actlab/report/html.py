@@ -1,0 +1,49 @@
+"""Render a profile's tables as one self-contained HTML file (figures inlined as PNG; no network)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import jinja2
+import pandas as pd
+
+from actlab.analyze.findings import findings
+from actlab.report.plots import FIGURES
+
+MASSIVE_ROWS = 20
+SINK_ROWS = 10
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.PackageLoader("actlab.report", "templates"),
+                              autoescape=jinja2.select_autoescape(["html"]))
+
+
+def render_report(manifest: dict[str, Any], tables: dict[str, pd.DataFrame]) -> str:
+    figures = []
+    for key, (title, draw, needs) in FIGURES.items():
+        available = all(n in tables and len(tables[n]) for n in needs)
+        png = base64.b64encode(draw(tables)).decode() if available else None
+        figures.append({"key": key, "title": title, "png": png, "needs": ", ".join(needs)})
+    top = tables.get("top_activations", pd.DataFrame())
+    massive_rows = top.sort_values("value", ascending=False).head(MASSIVE_ROWS).to_dict("records") if len(top) else []
+    sinks = tables.get("sink_tokens", pd.DataFrame())
+    protocol = manifest.get("protocol", {})
+    return _environment().get_template("report.html").render(
+        model=manifest["model"]["name"],
+        data=manifest.get("data", {}).get("name", "?"),
+        tokens=manifest.get("tokens_done", "?"),
+        windows=manifest.get("windows_done", "?"),
+        seq_len=protocol.get("seq_len", "?"),
+        num_sites=len(manifest.get("sites", [])),
+        status=manifest.get("status", "?"),
+        versions=manifest.get("versions", {}),
+        findings=findings(tables),
+        figures=figures,
+        massive_rows=massive_rows,
+        sink_rows=sinks.head(SINK_ROWS).to_dict("records") if len(sinks) else [],
+        manifest_json=json.dumps({k: v for k, v in manifest.items() if k not in ("sites", "statistics")}, indent=2,
+                                 default=str),
+    )

@@ -1,0 +1,135 @@
+"""Report figures: matplotlib (Agg) -> PNG bytes. One function per figure; each takes the profile tables."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+SPARSITY_KINDS = ("attn_in", "o_in", "mlp_in", "down_in")
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _depth_colors(n: int):
+    return plt.cm.viridis(np.linspace(0, 0.95, max(n, 1)))
+
+
+def sparsity_vs_eps(t: dict[str, pd.DataFrame]) -> bytes:
+    s = t["sparsity"]
+    kinds = [k for k in SPARSITY_KINDS if k in set(s["kind"])] or sorted(set(s["kind"]))[:4]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3.4), sharey=True, squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        rows = s[s["kind"] == kind]
+        layers = sorted(rows["layer"].dropna().unique())
+        for color, layer in zip(_depth_colors(len(layers)), layers):
+            r = rows[rows["layer"] == layer]
+            ax.plot(r["eps"], r["fraction_below"], color=color, lw=1)
+        ax.set_xscale("log")
+        ax.set_title(kind)
+        ax.set_xlabel("eps")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("fraction |x| < eps")
+    sm = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(0, max(len(layers) - 1, 1)))
+    fig.colorbar(sm, ax=axes[0].tolist(), label="layer", fraction=0.02)
+    return _png(fig)
+
+
+def neuron_frequency(t: dict[str, pd.DataFrame]) -> bytes:
+    n = t["neurons"]
+    col = [c for c in n.columns if c.startswith("freq_")][len([c for c in n.columns if c.startswith("freq_")]) // 2]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.4))
+    a.hist(n[col], bins=50, color="#4c72b0")
+    a.set_yscale("log")
+    a.set_xlabel(f"activation frequency (|a| > {col.removeprefix('freq_')})")
+    a.set_ylabel("neurons")
+    a.set_title("MLP neuron activation frequency")
+    per = n.groupby("layer")[["dead", "always_on"]].sum()
+    b.bar(per.index - 0.2, per["dead"], width=0.4, label="dead", color="#c44e52")
+    b.bar(per.index + 0.2, per["always_on"], width=0.4, label="always on", color="#55a868")
+    b.set_xlabel("layer")
+    b.set_title("dead / always-on neurons per layer")
+    b.legend()
+    return _png(fig)
+
+
+def massive_activations(t: dict[str, pd.DataFrame]) -> bytes:
+    layers = t["layers"]
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    ax.plot(layers["layer"], layers["resid_max_abs"], "o-", label="max |x|", color="#c44e52")
+    ax.plot(layers["layer"], layers["resid_median_abs"], "o-", label="median |x|", color="#4c72b0")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_title("residual stream magnitude (block output)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def attention_sinks(t: dict[str, pd.DataFrame]) -> bytes:
+    h = t["heads"]
+    mass = h.pivot(index="layer", columns="head", values="first_token_mass")
+    ent = h.pivot(index="layer", columns="head", values="entropy")
+    fig, axes = plt.subplots(1, 2, figsize=(11, max(3.0, 0.22 * len(mass) + 1.2)))
+    for ax, m, title, cmap in ((axes[0], mass, "attention mass on first token", "magma"),
+                               (axes[1], ent, "attention entropy (nats)", "viridis")):
+        im = ax.imshow(m.values, aspect="auto", cmap=cmap, origin="lower")
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(title)
+        fig.colorbar(im, ax=ax)
+    return _png(fig)
+
+
+def layer_redundancy(t: dict[str, pd.DataFrame]) -> bytes:
+    layers = t["layers"]
+    x = layers["layer"].to_numpy()
+    fig, ax = plt.subplots(figsize=(9, 3.4))
+    ax.bar(x - 0.27, layers["block_influence"], width=0.27, label="block influence (1 - cos in/out)")
+    ax.bar(x, 1 - layers["cos_attn"], width=0.27, label="1 - cos(x, x+attn)")
+    ax.bar(x + 0.27, 1 - layers["cos_mlp"], width=0.27, label="1 - cos(x, x+mlp)")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_title("layer and sublayer redundancy (lower = more redundant)")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def logit_lens(t: dict[str, pd.DataFrame]) -> bytes:
+    layers = t["layers"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.4))
+    a.plot(layers["layer"], layers["logit_lens_loss"], "o-")
+    a.set_xlabel("layer")
+    a.set_ylabel("next-token loss (nats)")
+    a.set_title("logit lens")
+    a.grid(alpha=0.3)
+    b.plot(layers["layer"], layers["hidden_rms"], "o-", label="hidden RMS")
+    b.set_xlabel("layer")
+    b.set_yscale("log")
+    b2 = b.twinx()
+    b2.plot(layers["layer"], layers["delta_ratio_mean"], "s--", color="#c44e52", label="||dh|| / ||h||")
+    b.set_title("depth profile: hidden RMS and relative update")
+    b.legend(loc="upper left")
+    b2.legend(loc="upper right")
+    return _png(fig)
+
+
+FIGURES: dict[str, tuple[str, Callable[[dict[str, pd.DataFrame]], bytes], tuple[str, ...]]] = {
+    "sparsity": ("Activation sparsity vs eps, per layer", sparsity_vs_eps, ("sparsity",)),
+    "neurons": ("MLP neuron activation frequency", neuron_frequency, ("neurons",)),
+    "massive": ("Massive activations", massive_activations, ("layers",)),
+    "sinks": ("Attention sinks and entropy (layer x head)", attention_sinks, ("heads",)),
+    "redundancy": ("Layer redundancy", layer_redundancy, ("layers",)),
+    "lens": ("Logit lens and depth profile", logit_lens, ("layers",)),
+}

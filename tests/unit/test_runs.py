@@ -1,0 +1,193 @@
+"""Run directories: complete/partial status, refusal, resume, extend, merge, kill -9, locking."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from actlab.errors import CorpusError, RunDirectoryError
+from actlab.probe import Profiler
+from actlab.report.rundir import RunDirectory
+from actlab.runs import ProfileOptions, merge, profile, rerender
+
+OPTS = ProfileOptions(query_stride=4, lens_stride=8)
+KW = dict(seq_len=64, options=OPTS, progress=False, log=lambda *a: None)
+
+
+def _state(path):
+    state, windows, tokens = RunDirectory(path).load_state()
+    return state, windows, tokens
+
+
+def _assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            scale = float(b[k].abs().max()) if b[k].numel() else 0.0
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6 * scale + 1e-12, msg=k)
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_complete_run_layout(tmp_path, tiny_llama):
+    run = profile("tiny-llama", None, tmp_path / "r", tokens=256, lm=tiny_llama, **KW)
+    m = run.manifest()
+    assert m["status"] == "complete" and m["windows_done"] == 4 and m["tokens_done"] == 256
+    assert m["model"]["name"] == "tiny-llama" and m["data"]["name"] == "python-docs"
+    assert m["protocol"]["seq_len"] == 64 and set(m["versions"]) >= {"actlab", "torch", "transformers"}
+    assert "started" in m and "finished" in m and len(m["sites"]) > 20
+    for name, cols in {"layers": {"block_influence", "logit_lens_loss", "resid_max_abs"},
+                       "heads": {"first_token_mass", "entropy"}, "channels": {"mean", "std", "max"},
+                       "top_activations": {"value", "channel", "window", "position", "token"},
+                       "sparsity": {"eps", "fraction_below"}, "neurons": {"dead", "always_on"}}.items():
+        table = pd.read_parquet(tmp_path / "r" / "tables" / f"{name}.parquet")
+        assert cols <= set(table.columns) and len(table)
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "actlab profile" in html and "http://" not in html.split("<pre")[0] and "https://" not in html
+    assert not (tmp_path / "r" / ".lock").exists()
+
+
+def test_second_run_into_same_directory_is_refused(tmp_path, tiny_llama):
+    profile("tiny-llama", None, tmp_path / "r", tokens=128, lm=tiny_llama, **KW)
+    with pytest.raises(RunDirectoryError, match="already holds a run"):
+        profile("tiny-llama", None, tmp_path / "r", tokens=128, lm=tiny_llama, **KW)
+
+
+def test_extend_equals_one_shot(tmp_path, tiny_llama):
+    profile("tiny-llama", None, tmp_path / "small", tokens=192, lm=tiny_llama, **KW)
+    profile("tiny-llama", None, tmp_path / "small", tokens=384, resume=True, lm=tiny_llama, **KW)
+    profile("tiny-llama", None, tmp_path / "big", tokens=384, lm=tiny_llama, **KW)
+    a, b = _state(tmp_path / "small"), _state(tmp_path / "big")
+    assert a[1:] == b[1:] == (6, 384)
+    _assert_same_state(a[0], b[0])
+    assert RunDirectory(tmp_path / "small").manifest()["status"] == "complete"
+
+
+def test_resume_with_other_model_or_data_is_refused(tmp_path, tiny_llama):
+    profile("tiny-llama", None, tmp_path / "r", tokens=128, lm=tiny_llama, **KW)
+    other = tmp_path / "other.txt"
+    other.write_text("something else entirely. " * 400)
+    with pytest.raises(RunDirectoryError, match="another model, corpus or window protocol"):
+        profile("tiny-llama", str(other), tmp_path / "r", tokens=256, resume=True, lm=tiny_llama, **KW)
+
+
+def test_interrupted_run_is_partial_then_resumes_to_the_same_result(tmp_path, tiny_llama, monkeypatch):
+    import actlab.runs as runs
+
+    monkeypatch.setattr(runs, "CHECKPOINT_SECONDS", 0.0)  # checkpoint after every batch
+    original = Profiler.observe
+
+    def interrupted(self, windows, first_window_index=0, batch_size=1, progress=True, after_batch=None):
+        def stop_after_three(done):
+            after_batch(done)
+            if done == 3:
+                raise KeyboardInterrupt
+
+        return original(self, windows, first_window_index, batch_size, progress, stop_after_three)
+
+    monkeypatch.setattr(Profiler, "observe", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        profile("tiny-llama", None, tmp_path / "r", tokens=384, lm=tiny_llama, **KW)
+    run = RunDirectory(tmp_path / "r")
+    m = run.manifest()
+    assert m["status"] == "partial" and m["windows_done"] == 3
+    assert not (tmp_path / "r" / "report.html").exists() and not (tmp_path / "r" / "tables").exists()
+    with pytest.raises(RunDirectoryError, match=r"status partial.*--resume"):
+        profile("tiny-llama", None, tmp_path / "r", tokens=384, lm=tiny_llama, **KW)
+    with pytest.raises(RunDirectoryError, match="resume it first"):
+        rerender(tmp_path / "r")
+    monkeypatch.setattr(Profiler, "observe", original)
+    profile("tiny-llama", None, tmp_path / "r", tokens=384, resume=True, lm=tiny_llama, **KW)
+    profile("tiny-llama", None, tmp_path / "once", tokens=384, lm=tiny_llama, **KW)
+    _assert_same_state(_state(tmp_path / "r")[0], _state(tmp_path / "once")[0])
+    assert run.manifest()["status"] == "complete"
+
+
+def test_killed_process_leaves_a_partial_run(tmp_path):
+    """kill -9 in the middle: the manifest never claims completion, and the run resumes."""
+    out = tmp_path / "killed"
+    code = (
+        "import actlab.runs as r; r.CHECKPOINT_SECONDS = 0.0\n"
+        "from actlab.runs import profile, ProfileOptions\n"
+        f"profile('tiny-llama', None, {str(out)!r}, tokens=64*400, seq_len=64, progress=False,"
+        " options=ProfileOptions(query_stride=4, lens_stride=8))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "state.safetensors").exists():
+        time.sleep(0.2)
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run = RunDirectory(out)
+    assert (out / "state.safetensors").exists(), "the child never checkpointed"
+    raw = json.loads((out / "manifest.json").read_text())
+    assert raw["status"] == "running"  # what the dead process left ...
+    assert run.manifest()["status"] == "partial"  # ... is read as partial
+    assert not (out / "report.html").exists()
+    state, windows, tokens = run.load_state()
+    assert 0 < windows < 400 and tokens == 64 * windows
+
+
+def test_lock_refuses_a_live_writer(tmp_path):
+    run = RunDirectory(tmp_path / "busy")
+    run.path.mkdir()
+    (run.path / ".lock").write_text(str(os.getppid()))  # a live process that is not us
+    with pytest.raises(RunDirectoryError, match="being written by another actlab process"):
+        with run.locked():
+            pass
+    (run.path / ".lock").write_text("999999999")  # a dead one: the stale lock is taken over
+    with run.locked():
+        assert (run.path / ".lock").read_text() == str(os.getpid())
+
+
+def test_merge_of_two_corpora_equals_one_pass(tmp_path, tiny_llama):
+    text = load_text = "".join(f"Sentence number {i} about activations and attention.\n\n" for i in range(300))
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    cut = len(text) // 2
+    first.write_text(load_text[:cut])
+    second.write_text(load_text[cut:])
+    profile("tiny-llama", str(first), tmp_path / "A", tokens=256, lm=tiny_llama, **KW)
+    profile("tiny-llama", str(second), tmp_path / "B", tokens=256, lm=tiny_llama, **KW)
+    target = merge([tmp_path / "A", tmp_path / "B"], tmp_path / "AB", log=lambda *a: None)
+    m = target.manifest()
+    assert m["status"] == "complete" and m["tokens_done"] == 512 and len(m["sources"]) == 2
+    # reference: one profiler over both sets of windows
+    from actlab.data import WindowSpec, load_corpus, make_windows
+
+    ref = OPTS.profiler(tiny_llama)
+    for path, offset in ((first, 0), (second, 4)):
+        w = make_windows(tiny_llama.tokenizer, load_corpus(str(path)), WindowSpec(seq_len=64, num_windows=4))
+        ref.observe(w, first_window_index=offset, progress=False)
+    merged_state = _state(tmp_path / "AB")[0]
+    ref_state = ref.state()
+    for k in ref_state:
+        if not k.startswith("massive/"):  # window numbers restart in each source run
+            a, b = merged_state[k], ref_state[k]
+            if a.is_floating_point():
+                scale = float(b.abs().max()) if b.numel() else 0.0
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * scale + 1e-12, msg=k)
+            else:
+                assert torch.equal(a, b), k
+    assert (tmp_path / "AB" / "report.html").exists()
+
+
+def test_profile_errors_are_clear(tmp_path, tiny_llama):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(CorpusError, match="empty"):
+        profile("tiny-llama", str(empty), tmp_path / "e", tokens=128, lm=tiny_llama, **KW)
+    short = tmp_path / "short.txt"
+    short.write_text("tiny")
+    with pytest.raises(CorpusError, match="fewer than one window"):
+        profile("tiny-llama", str(short), tmp_path / "s", tokens=128, lm=tiny_llama, **KW)
+    with pytest.raises(RunDirectoryError, match="no run to resume"):
+        profile("tiny-llama", None, tmp_path / "none", tokens=128, resume=True, lm=tiny_llama, **KW)
