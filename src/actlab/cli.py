@@ -112,6 +112,76 @@ def merge_cmd(runs: Annotated[list[str], typer.Argument(help="two or more comple
     print(f"merged {len(runs)} runs -> {target.path / 'report.html'}")
 
 
+@app.command("sparsify")
+def sparsify_cmd(
+    model: ModelOpt = "smollm2-135m",
+    method: Annotated[Optional[str], typer.Option(help="sparsity method (see --list-methods)")] = None,
+    sparsity: Annotated[Optional[float], typer.Option(help="target effective sparsity in [0, 1)")] = None,
+    calib: Annotated[Optional[str], typer.Option(help="calibration corpus (default: the calibration half of python-docs)")] = None,
+    eval_data: Annotated[Optional[str], typer.Option("--eval", help="evaluation corpus (default: the evaluation half of python-docs)")] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len")] = 1024,
+    windows: Annotated[int, typer.Option(help="evaluation windows")] = 16,
+    calib_windows: Annotated[int, typer.Option("--calib-windows")] = 16,
+    positions: Annotated[str, typer.Option(help="all (decode-like: every token) | last-half (TEAL's protocol)")] = "all",
+    recipe: Annotated[Optional[str], typer.Option(help="evaluate a saved recipe instead of calibrating")] = None,
+    save: Annotated[Optional[str], typer.Option(help="save the recipe (.json or .yaml)")] = None,
+    list_methods: Annotated[bool, typer.Option("--list-methods", help="list the methods and exit")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Calibrate a sparsity method to a budget, then measure dense and sparse perplexity on held-out data."""
+    from actlab.transforms.sparsity import METHODS
+
+    if list_methods:
+        for name, cls in METHODS.items():
+            print(f"{name}\t{cls.paper}")
+        return
+    from actlab.errors import ConfigError
+    from actlab.transforms.sparsity.pipeline import sparsify
+
+    if recipe is None and (method is None or sparsity is None):
+        raise ConfigError("give --method and --sparsity (or --recipe); --list-methods shows the methods")
+    out = sparsify(model, method=method, sparsity=sparsity, calib=calib, eval_data=eval_data, seq_len=seq_len,
+                   windows=windows, calib_windows=calib_windows, positions=positions, recipe_path=recipe,
+                   save=save, log=_log)
+    _emit(out, as_json, f"{out['model']} {out['method']} target {out['target_sparsity']:.2f}: achieved "
+                        f"{out['achieved_sparsity']:.3f}, ppl {out['dense_ppl']:.3f} dense -> {out['sparse_ppl']:.3f} "
+                        f"sparse ({out['ppl_increase']:+.1%}) on {out['eval_data']}")
+
+
+bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmarks.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("decode")
+def bench_decode_cmd(
+    model: ModelOpt = "smollm2-135m",
+    method: Annotated[Optional[str], typer.Option(help="sparsity method (default: the best one, loss-aware)")] = None,
+    sparsity: Annotated[float, typer.Option(help="target effective sparsity")] = 0.5,
+    recipe: Annotated[Optional[str], typer.Option(help="a saved sparsity recipe instead of --method")] = None,
+    tokens: Annotated[int, typer.Option(help="new tokens per generation")] = 64,
+    reps: Annotated[int, typer.Option(help="repetitions (median reported)")] = 5,
+    calib: Annotated[Optional[str], typer.Option(help="calibration corpus for --method")] = None,
+    profile: Annotated[bool, typer.Option(help="also print where the sparse engine's time goes")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Tokens/s of HF generate, the engine dense and the engine sparse (greedy, batch 1), one process."""
+    from actlab.engine.bench import bench_decode, profile_step
+    from actlab.transforms.sparsity import SparsityRecipe
+
+    out = bench_decode(model, method=method, sparsity=sparsity, recipe_path=recipe, tokens=tokens, reps=reps,
+                       calib=calib, log=_log)
+    if profile:
+        _log(profile_step(model, SparsityRecipe.load(recipe) if recipe else None, log=_log))
+    _emit(out, as_json, "\n".join([
+        f"{out['model']} ({out['method']} at {out['target_sparsity']:.0%}, achieved {out['achieved_sparsity']:.3f}), "
+        f"{out['tokens']} tokens, median of {out['reps']}:",
+        f"  HF generate   {out['hf_tok_s']:7.2f} tok/s",
+        f"  engine dense  {out['dense_tok_s']:7.2f} tok/s  ({out['dense_over_hf']:.2f}x HF)",
+        f"  engine sparse {out['sparse_tok_s']:7.2f} tok/s  ({out['sparse_over_dense']:.2f}x dense, "
+        f"{out['sparse_over_hf']:.2f}x HF; ceiling {out['ceiling']:.2f}x, {out['ceiling_fp32_head']:.2f}x with a "
+        "float32 head)"]))
+
+
 def main() -> None:
     try:
         app()

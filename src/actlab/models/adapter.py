@@ -106,6 +106,15 @@ class ModelAdapter:
         self.layers: list[LayerView] = [self._layer_view(i, m) for i, m in enumerate(_get(model, spec.layers))]
         self.intermediate_size: int = self.layers[0].linears["gate"].out_features
         self.num_layers = len(self.layers)
+        self.rotary: nn.Module | None = _get(model, spec.rotary) if spec.rotary else None
+        self.pos_embed: nn.Module | None = _get(model, spec.pos_embed) if spec.pos_embed else None
+
+    def sliding_window(self, layer: LayerView) -> int | None:
+        """Keys a layer's queries may see (None: all), as the model's own attention applies it."""
+        window = getattr(layer.attn, "sliding_window", None)
+        if window is None and self.spec.sliding_window_from_config:
+            window = getattr(self.config, "sliding_window", None)
+        return window
 
     # -- construction -------------------------------------------------------------------------
     def _layer_view(self, index: int, layer: nn.Module) -> LayerView:

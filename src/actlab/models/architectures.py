@@ -47,6 +47,12 @@ class ArchSpec:
     k_norm: str | None = None
     # weights stored as [in, out] (GPT-2's Conv1D) instead of nn.Linear's [out, in]
     transposed_weights: bool = False
+    # positions: a rotary module (called per layer type) or a learned position table added to the embedding
+    rotary: str | None = None
+    pos_embed: str | None = None
+    pos_offset: int = 0  # OPT's learned positions start at row 2
+    q_prescaled: bool = False  # OPT multiplies q by the attention scale right after q_proj
+    sliding_window_from_config: bool = False  # Mistral: config.sliding_window applies to every layer
     # returns a reason when a config of this family is a variant we do not support
     unsupported_variant: Callable[[Any], str | None] | None = None
 
@@ -71,6 +77,7 @@ _LLAMA_LIKE = dict(
     act="mlp.act_fn",
     attn_norm="input_layernorm",
     mlp_norm="post_attention_layernorm",
+    rotary="model.rotary_emb",
 )
 
 
@@ -83,7 +90,8 @@ def _opt_variant(config: Any) -> str | None:
 
 
 ARCHITECTURES: tuple[ArchSpec, ...] = (
-    ArchSpec(family="llama", model_types=("llama", "mistral", "qwen2"), **_LLAMA_LIKE),
+    ArchSpec(family="llama", model_types=("llama", "qwen2"), **_LLAMA_LIKE),
+    ArchSpec(family="mistral", model_types=("mistral",), sliding_window_from_config=True, **_LLAMA_LIKE),
     ArchSpec(family="qwen3", model_types=("qwen3",), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
              **_LLAMA_LIKE),
     ArchSpec(
@@ -111,6 +119,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         attn_norm="ln_1",
         mlp_norm="ln_2",
         transposed_weights=True,
+        pos_embed="transformer.wpe",
     ),
     ArchSpec(
         family="opt",
@@ -129,6 +138,9 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         act="activation_fn",
         attn_norm="self_attn_layer_norm",
         mlp_norm="final_layer_norm",
+        pos_embed="model.decoder.embed_positions",
+        pos_offset=2,
+        q_prescaled=True,
         unsupported_variant=_opt_variant,
     ),
 )

@@ -1,0 +1,227 @@
+"""A batch-1 greedy decode engine for any supported architecture, dense or under a sparsity recipe.
+
+Prefill runs the unmodified HF model once over the prompt (with the recipe attached, so it is exactly the
+masked reference) and copies its key/value cache into a preallocated one. Each decoded token then goes
+through a hand-written loop over the adapter's parts: the model's own norms, activation and rotary tables,
+our GEMV kernels for every projection, attention over the preallocated cache, and the exact-argmax LM head.
+Per token this is a few dozen small tensor operations per layer and no HF module machinery.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from actlab.engine.kernels import load_kernels
+from actlab.engine.linear import ActSparseMLP, EngineLinear
+from actlab.engine.lm_head import ExactArgmaxHead
+from actlab.errors import ConfigError
+from actlab.models.loader import LoadedModel
+from actlab.transforms.sparsity.base import SparsityRecipe, effective_sparsity, projection_params
+from actlab.transforms.sparsity.masking import attach
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class EngineLayer:
+    index: int
+    attn_norm: object
+    mlp_norm: object
+    projections: dict[str, EngineLinear]
+    mlp: object  # callable x -> mlp output
+    scaling: float
+    window: int | None
+    q_norm: object = None
+    k_norm: object = None
+    attn_post_norm: object = None
+    mlp_post_norm: object = None
+    softcap: float | None = None
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [positions, head_dim]
+
+
+@dataclass
+class GenerationStats:
+    tokens: list[int] = field(default_factory=list)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return (len(self.tokens) - 1) / self.decode_s if self.decode_s > 0 and len(self.tokens) > 1 else float("nan")
+
+
+class DecodeEngine:
+    def __init__(self, lm: LoadedModel, recipe: SparsityRecipe | None = None, max_len: int = 2048,
+                 native: bool = True):
+        if lm.device.type != "cpu":
+            raise ConfigError("the decode engine's kernels are CPU kernels; load the model on the CPU")
+        if recipe is not None:
+            recipe.check_model(lm.adapter)
+        self.lm, self.recipe = lm, recipe
+        ad = lm.adapter
+        self.kernels = load_kernels(native)
+        self.max_len = min(max_len, ad.max_context or max_len)
+        self.num_heads, self.num_kv, self.head_dim = ad.num_heads, ad.num_kv_heads, ad.head_dim
+        self.q_prescaled = ad.spec.q_prescaled
+        rules = recipe.rules if recipe is not None else {}
+        bias = recipe.bias if recipe is not None else {}
+        rope = self._rope_tables()
+        self.layers: list[EngineLayer] = []
+        with torch.no_grad():
+            for layer in ad.layers:
+                i = layer.index
+                act_rule = rules.get(f"L{i}.down")
+                act_sparse = act_rule is not None and act_rule.source == "act"
+                proj = {role: EngineLinear(view, rules.get(f"L{i}.{role}"), self.kernels, bias.get(f"L{i}.{role}"))
+                        for role, view in layer.linears.items() if not (act_sparse and role in ("up", "down"))}
+                if act_sparse:
+                    mlp = ActSparseMLP(proj["gate"], layer.linears.get("up"), layer.linears["down"], layer.act_fn,
+                                       act_rule, self.kernels)
+                elif layer.gated_mlp:
+                    mlp = (lambda x, p=proj, act=layer.act_fn: p["down"](act(p["gate"](x)) * p["up"](x)))
+                else:
+                    mlp = (lambda x, p=proj, act=layer.act_fn: p["down"](act(p["gate"](x))))
+                self.layers.append(EngineLayer(
+                    index=i, attn_norm=layer.attn_norm, mlp_norm=layer.mlp_norm, projections=proj, mlp=mlp,
+                    scaling=float(getattr(layer.attn, "scaling", self.head_dim**-0.5)),
+                    window=ad.sliding_window(layer), q_norm=layer.q_norm, k_norm=layer.k_norm,
+                    attn_post_norm=layer.attn_post_norm, mlp_post_norm=layer.mlp_post_norm,
+                    softcap=getattr(layer.attn, "attn_logit_softcapping", None), rope=rope[i] if rope else None))
+            self.final_norm = ad.final_norm
+            self.head = ExactArgmaxHead(ad.lm_head.weight, getattr(ad.lm_head, "bias", None), self.kernels)
+            self.pos_table = None if ad.pos_embed is None else ad.pos_embed.weight.detach().float()
+        shape = (len(self.layers), self.num_kv, self.max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape)
+        self.v_cache = torch.zeros(shape)
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _rope_tables(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        ad = self.lm.adapter
+        if ad.rotary is None:
+            return None
+        positions = torch.arange(self.max_len)[None]
+        probe = torch.zeros(1, 1, self.head_dim)
+        takes_type = "layer_type" in inspect.signature(ad.rotary.forward).parameters
+        types = getattr(ad.config, "layer_types", None) or ["full_attention"] * ad.num_layers
+        tables = {}
+        with torch.no_grad():
+            for kind in set(types):
+                cos, sin = ad.rotary(probe, positions, kind) if takes_type else ad.rotary(probe, positions)
+                tables[kind] = (cos[0].float().contiguous(), sin[0].float().contiguous())
+        return [tables[types[i]] for i in range(ad.num_layers)]
+
+    # -- prefill -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, ids: list[int]) -> int:
+        if len(ids) >= self.max_len:
+            raise ConfigError(f"prompt of {len(ids)} tokens does not fit the engine's {self.max_len} positions")
+        ctx = attach(self.lm, self.recipe) if self.recipe is not None else contextlib.nullcontext()
+        with ctx:
+            out = self.lm.model(input_ids=torch.tensor([ids]), use_cache=True)
+        cache = out.past_key_values
+        for i in range(len(self.layers)):
+            k, v = cache.layers[i].keys[0], cache.layers[i].values[0]  # [kv, t, d] (t may be a window)
+            t = k.shape[1]
+            self.k_cache[i, :, len(ids) - t : len(ids)] = k.float()
+            self.v_cache[i, :, len(ids) - t : len(ids)] = v.float()
+        return int(out.logits[0, -1].argmax())
+
+    # -- one token -----------------------------------------------------------------------------
+    def _embed(self, token: int, pos: int) -> torch.Tensor:
+        h = self.lm.adapter.embed(torch.tensor([token]))[0].float()
+        if self.pos_table is not None:
+            h = h + self.pos_table[pos + self.lm.adapter.spec.pos_offset]
+        return h
+
+    def _attention(self, layer: EngineLayer, x: torch.Tensor, pos: int) -> torch.Tensor:
+        p = layer.projections
+        if "qkv" in p:
+            q, k, v = p["qkv"](x).split([self.num_heads * self.head_dim, self.num_kv * self.head_dim,
+                                         self.num_kv * self.head_dim])
+        else:
+            q, k, v = p["q"](x), p["k"](x), p["v"](x)
+        q = q.view(self.num_heads, self.head_dim)
+        k = k.view(self.num_kv, self.head_dim)
+        if self.q_prescaled:
+            q = q * layer.scaling
+        if layer.q_norm is not None:
+            q, k = layer.q_norm(q), layer.k_norm(k)
+        if layer.rope is not None:
+            cos, sin = layer.rope[0][pos], layer.rope[1][pos]
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+        self.k_cache[layer.index, :, pos] = k
+        self.v_cache[layer.index, :, pos] = v.view(self.num_kv, self.head_dim)
+        start = 0 if layer.window is None else max(0, pos + 1 - layer.window)
+        keys = self.k_cache[layer.index, :, start : pos + 1]  # [kv, t, d]
+        values = self.v_cache[layer.index, :, start : pos + 1]
+        qg = q.view(self.num_kv, self.num_heads // self.num_kv, self.head_dim)
+        scores = torch.matmul(qg, keys.transpose(1, 2))
+        if not self.q_prescaled:
+            scores = scores * layer.scaling
+        if layer.softcap is not None:
+            scores = layer.softcap * torch.tanh(scores / layer.softcap)
+        out = torch.matmul(torch.softmax(scores, dim=-1), values).reshape(-1)
+        o = p["o"](out)
+        return o if layer.attn_post_norm is None else layer.attn_post_norm(o)
+
+    @torch.no_grad()
+    def step(self, token: int, pos: int) -> int:
+        h = self._embed(token, pos)
+        for layer in self.layers:
+            h = h + self._attention(layer, layer.attn_norm(h), pos)
+            m = layer.mlp(layer.mlp_norm(h))
+            h = h + (m if layer.mlp_post_norm is None else layer.mlp_post_norm(m))
+        return self.head.argmax(self.final_norm(h))
+
+    def generate(self, ids: list[int], max_new_tokens: int) -> GenerationStats:
+        """Greedy decoding; stats.tokens are the new tokens."""
+        if len(ids) + max_new_tokens > self.max_len:
+            raise ConfigError(f"prompt + new tokens exceed the engine's {self.max_len} positions")
+        stats = GenerationStats()
+        t0 = time.perf_counter()
+        token = self.prefill(ids)
+        stats.prefill_s = time.perf_counter() - t0
+        stats.tokens.append(token)
+        t1 = time.perf_counter()
+        pos = len(ids)
+        for _ in range(max_new_tokens - 1):
+            token = self.step(token, pos)
+            stats.tokens.append(token)
+            pos += 1
+        stats.decode_s = time.perf_counter() - t1
+        return stats
+
+    # -- accounting ----------------------------------------------------------------------------
+    def reset_counters(self) -> None:
+        for layer in self.layers:
+            for lin in list(layer.projections.values()) + [layer.mlp]:
+                if hasattr(lin, "kept"):
+                    lin.kept = lin.seen = 0
+
+    def achieved_sparsity(self) -> float:
+        """Effective sparsity of the decoded tokens (same budget formula as the sparsity methods)."""
+        dropped = {}
+        for layer in self.layers:
+            for role, lin in layer.projections.items():
+                if lin.seen:
+                    dropped[f"L{layer.index}.{role}"] = 1 - lin.kept / lin.seen
+            if isinstance(layer.mlp, ActSparseMLP) and layer.mlp.seen:
+                frac = 1 - layer.mlp.kept / layer.mlp.seen
+                dropped[f"L{layer.index}.down"] = frac
+                if layer.mlp.w_up is not None:
+                    dropped[f"L{layer.index}.up"] = frac
+        return effective_sparsity(dropped, projection_params(self.lm.adapter))
+
+    def weight_bytes_per_token(self, sparsity: float = 0.0) -> float:
+        """Bytes of weights a decode step reads: projections at the given effective sparsity + the head."""
+        linear = sum(lin.bytes_read() for layer in self.layers for lin in layer.projections.values())
+        return linear * (1 - sparsity) + self.head.bytes_read()

@@ -1,0 +1,42 @@
+"""The sparsify job: model + calibration corpus -> recipe -> dense and sparse perplexity on held-out data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from actlab.data import WindowSpec, load_corpus, make_windows
+from actlab.errors import ConfigError
+from actlab.eval.perplexity import perplexity
+from actlab.models import load_model
+from actlab.transforms.sparsity import CalibrationData, SparsityRecipe, calibrate
+from actlab.transforms.sparsity.harness import evaluate
+
+
+def sparsify(model: str, *, method: str | None, sparsity: float | None, calib: str | None, eval_data: str | None,
+             seq_len: int = 1024, windows: int = 16, calib_windows: int = 16, positions: str = "all",
+             recipe_path: str | None = None, save: str | None = None, log: Callable[[str], None] = print,
+             progress: bool = True) -> dict[str, Any]:
+    if positions not in ("all", "last-half"):
+        raise ConfigError("--positions must be all or last-half")
+    lm = load_model(model, log_fn=log)
+    corpus = load_corpus(eval_data, role="eval")
+    eval_windows = make_windows(lm.tokenizer, corpus, WindowSpec(seq_len=seq_len, num_windows=windows), lm.max_context)
+    if recipe_path is not None:
+        recipe = SparsityRecipe.load(recipe_path)
+        recipe.check_model(lm.adapter)
+    else:
+        data = CalibrationData.from_corpus(lm, calib, seq_len=seq_len, windows=calib_windows)
+        recipe = calibrate(method, data, sparsity)
+    recipe.positions = positions
+    if save:
+        recipe.save(save)
+    dense = perplexity(lm, eval_windows, batch_size=1, progress=progress)
+    sparse = evaluate(lm, recipe, eval_windows, progress=progress)
+    return {
+        "model": lm.name, "method": recipe.method, "target_sparsity": recipe.target,
+        "achieved_sparsity": sparse.achieved_sparsity, "predicted_sparsity": recipe.predicted.get("effective"),
+        "dense_ppl": dense.ppl, "sparse_ppl": sparse.sparse_ppl, "ppl_increase": sparse.sparse_ppl / dense.ppl - 1,
+        "positions": positions, "calib_data": recipe.calibration.get("data"), "eval_data": corpus.name,
+        "eval_tokens": dense.tokens, "seq_len": seq_len, "windows": windows, "recipe": save,
+    }

@@ -1,0 +1,135 @@
+"""Decode engine: kernels against dense masked references, exact argmax head, greedy equality with HF."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import actlab
+from actlab.engine.bench import hf_generate, prompt_ids
+from actlab.engine.decode import DecodeEngine
+from actlab.engine.kernels import TorchKernels, load_kernels
+from actlab.engine.lm_head import ExactArgmaxHead
+from actlab.transforms.sparsity import CalibrationData, attach, calibrate
+
+NATIVE = load_kernels()
+KERNELS = [NATIVE, TorchKernels()]
+EMPTY = torch.empty(0)
+
+
+def _check_native_built():
+    assert not isinstance(NATIVE, TorchKernels), "the C++ kernels did not build on this machine"
+
+
+def test_native_kernels_are_built():
+    _check_native_built()
+
+
+@pytest.mark.parametrize("kernels", KERNELS, ids=["native", "torch"])
+@settings(max_examples=40, deadline=None)
+@given(out=st.integers(1, 300), inp=st.integers(1, 300), sparsity=st.floats(0.0, 0.95), scaled=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_sparse_gemv_equals_masked_dense(kernels, out, inp, sparsity, scaled, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g)
+    x = torch.randn(inp, generator=g)
+    scale = torch.rand(inp, generator=g) + 0.1 if scaled else EMPTY
+    score = x.abs() * scale if scaled else x.abs()
+    t = float(torch.quantile(score, sparsity)) if inp > 1 else 0.0
+    keep = score > t
+    y, kept = kernels.sparse_gemv(w.t().contiguous(), x, scale, t)
+    assert kept == int(keep.sum())
+    torch.testing.assert_close(y, w @ (x * keep), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernels", KERNELS, ids=["native", "torch"])
+def test_sparse_gemv_edge_cases(kernels):
+    w = torch.randn(7, 13)
+    x = torch.randn(13)
+    y, kept = kernels.sparse_gemv(w.t().contiguous(), x, EMPTY, float("inf"))  # all dropped
+    assert kept == 0 and torch.equal(y, torch.zeros(7))
+    y, kept = kernels.sparse_gemv(w.t().contiguous(), x, EMPTY, -1.0)  # none dropped
+    assert kept == 13
+    torch.testing.assert_close(y, w @ x, rtol=1e-5, atol=1e-5)
+    x0 = torch.zeros(13)
+    y, kept = kernels.sparse_gemv(w.t().contiguous(), x0, EMPTY, 0.0)  # zeros are dropped (|0| > 0 is false)
+    assert kept == 0 and torch.equal(y, torch.zeros(7))
+
+
+@pytest.mark.parametrize("kernels", KERNELS, ids=["native", "torch"])
+@pytest.mark.parametrize("out,inp", [(1, 1), (5, 3), (64, 576), (577, 129), (1536, 576)])
+def test_dense_row_and_indexed_gemv(kernels, out, inp):
+    w, x = torch.randn(out, inp), torch.randn(inp)
+    torch.testing.assert_close(kernels.dense_gemv(w, x), w @ x, rtol=1e-4, atol=1e-4)
+    idx = torch.randperm(out)[: max(1, out // 3)].sort().values
+    torch.testing.assert_close(kernels.row_gemv(w, x, idx), (w @ x)[idx], rtol=1e-4, atol=1e-4)
+    cols = torch.randperm(inp)[: max(1, inp // 2)]
+    vals = torch.randn(len(cols))
+    dense_in = torch.zeros(inp).index_put_((cols,), vals)
+    torch.testing.assert_close(kernels.indexed_gemv(w.t().contiguous(), cols, vals), w @ dense_in,
+                               rtol=1e-4, atol=1e-4)
+    empty = torch.empty(0, dtype=torch.long)
+    assert torch.equal(kernels.indexed_gemv(w.t().contiguous(), empty, torch.empty(0)), torch.zeros(out))
+
+
+@pytest.mark.parametrize("kernels", KERNELS, ids=["native", "torch"])
+def test_int8_gemv_bound_holds(kernels):
+    torch.manual_seed(3)
+    w = torch.randn(500, 128) * torch.rand(500, 1) * 0.2
+    head = ExactArgmaxHead(w, None, kernels)
+    for _ in range(20):
+        h = torch.randn(128) * 3
+        approx, err = kernels.int8_gemv(head.q, head.scale, h)
+        assert bool(((w @ h - approx).abs() <= err + 1e-5).all())
+
+
+def test_exact_head_argmax_even_on_near_ties():
+    torch.manual_seed(0)
+    w = torch.randn(3000, 64) * 0.05
+    head = ExactArgmaxHead(w, None, NATIVE)
+    for trial in range(50):
+        h = torch.randn(64)
+        if trial % 2:  # make the runner-up within a hair of the winner
+            logits = w @ h
+            top2 = logits.topk(2).indices
+            w[top2[1]] = w[top2[0]] - 1e-5 * torch.sign(h)
+            head = ExactArgmaxHead(w, None, NATIVE)
+        assert head.argmax(h) == int(torch.argmax(w @ h))
+    assert head.last_candidates < 50
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-qwen2", "tiny-gemma3", "tiny-gpt2", "tiny-opt"])
+def tiny_lm(request):
+    return actlab.load_model(request.param)
+
+
+def test_dense_engine_equals_generate(tiny_lm):
+    ids = prompt_ids(tiny_lm, 24)
+    assert DecodeEngine(tiny_lm, max_len=128).generate(ids, 48).tokens == hf_generate(tiny_lm, ids, 48)
+
+
+@pytest.mark.parametrize("method,params", [("loss-aware", {}), ("chess", {}), ("wina", {"topk": True}),
+                                           ("stat-topk", {}), ("cats", {})])
+def test_sparse_engine_equals_masked_reference(tiny_lm, method, params, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACTLAB_CACHE", str(tmp_path))
+    calib = CalibrationData.from_corpus(tiny_lm, None, seq_len=96, windows=8)
+    target = 0.2 if method == "cats" else 0.3  # CATS reaches only the MLP's share of the weights
+    recipe = calibrate(method, calib, target, **params)
+    ids = prompt_ids(tiny_lm, 24)
+    with attach(tiny_lm, recipe):
+        reference = hf_generate(tiny_lm, ids, 40)
+    engine = DecodeEngine(tiny_lm, recipe, max_len=128)
+    assert engine.generate(ids, 40).tokens == reference
+    assert abs(engine.achieved_sparsity() - target) < 0.15
+
+
+def test_engine_refuses_foreign_recipe(tiny_lm, tmp_path, monkeypatch):
+    from actlab.errors import ConfigError
+
+    monkeypatch.setenv("ACTLAB_CACHE", str(tmp_path))
+    other = actlab.load_model("tiny-mistral")
+    recipe = calibrate("magnitude", CalibrationData.from_corpus(other, None, seq_len=96, windows=8), 0.3)
+    with pytest.raises(ConfigError, match="calibrated for"):
+        DecodeEngine(tiny_lm, recipe)

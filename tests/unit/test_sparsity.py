@@ -1,0 +1,269 @@
+"""Sparsity methods on tiny models: exactness at 0, masked reference, budgets, recipes, hooks, bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import actlab
+from actlab.errors import ConfigError
+from actlab.transforms.sparsity import METHODS, CalibrationData, SparsityRecipe, attach, calibrate
+from actlab.transforms.sparsity.base import dropped_by_rules, effective_sparsity, projection_params
+from actlab.transforms.sparsity.masking import SparsityMeter
+
+SEQ = 96
+FAST = {"teal": {"tokens": 96, "step": 0.1}}
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2"])
+def setup(request, tmp_path_factory):
+    import os
+
+    os.environ["ACTLAB_CACHE"] = str(tmp_path_factory.mktemp("cache"))  # calibration cache per test module
+    lm = actlab.load_model(request.param)
+    calib = CalibrationData.from_corpus(lm, None, seq_len=SEQ, windows=8)
+    ids = calib.windows[:2]
+    return lm, calib, ids
+
+
+def _hooks_left(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def reference_masks(lm, recipe):
+    """An independent implementation of the rule semantics in base.py's docstring, as plain hooks."""
+    layers = lm.adapter.layers
+    stack = contextlib.ExitStack()
+
+    def mask_of(x, rule):
+        score = x.abs() * (torch.tensor(rule.scale) if rule.scale is not None else 1.0)
+        if rule.kind == "threshold":
+            cutoff = torch.full_like(score[..., :1], rule.threshold)
+        elif rule.kind == "topk":
+            k = round(rule.keep * score.shape[-1])
+            ordered = score.sort(dim=-1).values
+            cutoff = ordered[..., score.shape[-1] - k - 1 : score.shape[-1] - k]
+        else:
+            cutoff = score.mean(-1, keepdim=True) + rule.z * score.std(-1, keepdim=True)
+        return (score > cutoff).to(x.dtype)
+
+    for key, rule in recipe.rules.items():
+        layer, role = key[1:].split(".")
+        view = layers[int(layer)]
+        if rule.source == "act":
+            h = view.act_fn.register_forward_hook(lambda m, a, out, r=rule: out * mask_of(out, r))
+        else:
+            h = view.linears[role].module.register_forward_pre_hook(
+                lambda m, args, r=rule: (args[0] * mask_of(args[0], r),))
+        stack.callback(h.remove)
+    return stack
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_zero_sparsity_is_dense(setup, method):
+    lm, calib, ids = setup
+    recipe = calibrate(method, calib, 0.0, **FAST.get(method, {}))
+    with torch.no_grad():
+        dense = lm.model(ids).logits
+        with attach(lm, recipe):
+            sparse = lm.model(ids).logits
+    assert torch.equal(dense, sparse)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_sparse_forward_equals_masked_reference(setup, method):
+    lm, calib, ids = setup
+    target = 0.3 if method == "cats" else 0.5
+    recipe = calibrate(method, calib, target, **FAST.get(method, {}))
+    with torch.no_grad():
+        with attach(lm, recipe):
+            ours = lm.model(ids).logits
+        with reference_masks(lm, recipe):
+            reference = lm.model(ids).logits
+        dense = lm.model(ids).logits
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours, dense), "a 50% recipe must change the output"
+    assert _hooks_left(lm.model) == 0
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_achieved_sparsity_on_calibration_data(setup, method):
+    lm, calib, _ = setup
+    for target in ((0.15, 0.3) if method == "cats" else (0.25, 0.45)):  # CATS reaches only the MLP
+        recipe = calibrate(method, calib, target, **FAST.get(method, {}))
+        meter = SparsityMeter()
+        with attach(lm, recipe, meter), torch.no_grad():
+            for w in calib.windows:
+                lm.model(w[None])
+        achieved = meter.effective(lm, recipe)
+        assert abs(achieved - target) <= 0.02, f"{method} at {target}: achieved {achieved:.3f}"
+
+
+def test_meter_matches_zeros_counted_independently(setup):
+    lm, calib, ids = setup
+    recipe = calibrate("magnitude", calib, 0.4)
+    zeros, total = {}, {}
+
+    def count(key):
+        def hook(_m, args):  # registered after attach's masking hook, so it sees the masked input
+            zeros[key] = zeros.get(key, 0) + int((args[0] == 0).sum())
+            total[key] = total.get(key, 0) + args[0].numel()
+        return hook
+
+    meter = SparsityMeter()
+    with attach(lm, recipe, meter), contextlib.ExitStack() as stack:
+        for key in recipe.rules:
+            layer, role = key[1:].split(".")
+            module = lm.adapter.layers[int(layer)].linears[role].module
+            stack.callback(module.register_forward_pre_hook(count(key)).remove)
+        with torch.no_grad():
+            lm.model(ids)
+    for key, frac in meter.dropped().items():
+        assert frac == pytest.approx(zeros[key] / total[key], abs=1e-9)
+    expect = effective_sparsity(dropped_by_rules(recipe.rules, {k: zeros[k] / total[k] for k in zeros}),
+                                projection_params(lm.adapter))
+    assert meter.effective(lm, recipe) == pytest.approx(expect)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+@pytest.mark.parametrize("method", ["loss-aware", "chess", "stat-topk", "wina"])
+def test_recipe_roundtrip_reproduces_outputs(setup, tmp_path, method, suffix):
+    lm, calib, ids = setup
+    recipe = calibrate(method, calib, 0.4)
+    path = tmp_path / f"recipe{suffix}"
+    recipe.save(path)
+    loaded = SparsityRecipe.load(path)
+    assert loaded.to_dict() == recipe.to_dict()
+    with torch.no_grad():
+        with attach(lm, recipe):
+            a = lm.model(ids).logits
+        with attach(lm, loaded):
+            b = lm.model(ids).logits
+    assert torch.equal(a, b)
+
+
+def test_hooks_removed_even_on_error(setup):
+    lm, calib, ids = setup
+    recipe = calibrate("teal", calib, 0.3, greedy=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        with attach(lm, recipe):
+            raise RuntimeError("boom")
+    assert _hooks_left(lm.model) == 0
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan")])
+def test_sparsity_out_of_range(setup, bad):
+    _, calib, _ = setup
+    with pytest.raises(ConfigError, match=r"sparsity must be in \[0, 1\)"):
+        calibrate("magnitude", calib, bad)
+
+
+def test_unknown_method(setup):
+    _, calib, _ = setup
+    with pytest.raises(ConfigError, match=r"unknown sparsity method 'teel'.*teal"):
+        calibrate("teel", calib, 0.5)
+
+
+def test_calibration_corpus_too_small(tmp_path):
+    lm = actlab.load_model("tiny-llama")
+    small = tmp_path / "small.txt"
+    small.write_text("a short calibration text. " * 30)
+    with pytest.raises(ConfigError, match="calibration corpus too small"):
+        CalibrationData.from_corpus(lm, str(small), seq_len=32, windows=3)
+
+
+def test_recipe_for_another_model_is_refused(setup):
+    lm, calib, ids = setup
+    recipe = calibrate("magnitude", calib, 0.3)
+    other = actlab.load_model("tiny-qwen3")
+    with pytest.raises(ConfigError, match="calibrated for"):
+        with attach(other, recipe):
+            pass
+    changed = copy.deepcopy(lm)
+    with torch.no_grad():
+        changed.adapter.layers[0].linears["o"].module.weight.add_(0.01)
+    changed.adapter._actlab_fingerprint = None
+    del changed.adapter._actlab_fingerprint
+    with pytest.raises(ConfigError, match="calibrated for"):
+        with attach(changed, recipe):
+            pass
+
+
+def test_cats_refuses_unreachable_budget(setup):
+    _, calib, _ = setup
+    with pytest.raises(ConfigError, match="cats sparsifies only"):
+        calibrate("cats", calib, 0.6)
+
+
+def test_last_half_protocol_leaves_prefix_dense(setup):
+    lm, calib, ids = setup
+    recipe = calibrate("magnitude", calib, 0.5)
+    recipe.positions = "last-half"
+    with torch.no_grad():
+        dense = lm.model(ids).logits
+        with attach(lm, recipe):
+            half = lm.model(ids).logits
+    cut = SEQ - SEQ // 2
+    assert torch.equal(half[:, :cut], dense[:, :cut])  # causal: the first half never sees sparsity
+    assert not torch.allclose(half[:, cut:], dense[:, cut:])
+
+
+def test_input_gradients_match_autograd(setup):
+    """loss-aware's per-projection gradient RMS against autograd through one projection at a time."""
+    lm, calib, _ = setup
+    grads = calib._collect_grad_rms(calib.windows[:2], progress=False)
+    layer = lm.adapter.layers[1]
+    role = "qkv" if "qkv" in layer.linears else "q"
+    module = layer.linears[role].module
+    total = 0
+    for w in calib.windows[:2]:
+        delta = None
+
+        def add_delta(m, args):
+            nonlocal delta
+            delta = torch.zeros_like(args[0], requires_grad=True)
+            return (args[0] + delta,)
+
+        h = module.register_forward_pre_hook(add_delta)
+        try:
+            logits = lm.model(w[None]).logits
+            loss = F.cross_entropy(logits[0, :-1], w[1:])
+            (g,) = torch.autograd.grad(loss, delta)
+        finally:
+            h.remove()
+        total = total + g.reshape(-1, g.shape[-1]).double().pow(2).sum(0)
+    expect = (total / calib.windows[:2].numel()).sqrt().float()
+    torch.testing.assert_close(grads[f"L1.{role}"], expect, rtol=1e-4, atol=1e-9)
+
+
+def test_loss_aware_uses_one_threshold_on_scaled_scores(setup):
+    lm, calib, _ = setup
+    recipe = calibrate("loss-aware", calib, 0.4, refine=0)
+    thresholds = {rule.threshold for rule in recipe.rules.values()}
+    assert len(thresholds) == 1
+    grads = calib.input_grad_rms(8)
+    for key, rule in recipe.rules.items():
+        layer, role = key[1:].split(".")
+        out = lm.adapter.layers[int(layer)].linears[role].out_features
+        torch.testing.assert_close(torch.tensor(rule.scale), grads[key] / math.sqrt(out))
+
+
+def test_teal_greedy_table_is_monotone(setup):
+    lm, calib, _ = setup
+    from actlab.transforms.sparsity.teal import Teal
+
+    teal = Teal(tokens=96, step=0.1)
+    keys = [f"L{lyr.index}.{r}" for lyr in lm.adapter.layers for r in lyr.linears]
+    hists = calib.score_histograms({k: None for k in keys})
+    table = teal.greedy_table(calib, hists, 0.7)
+    for rows in table:
+        levels = [r[0] for r in rows]
+        assert levels == sorted(levels) and levels[-1] >= 0.7
+        for a, b in zip(rows, rows[1:]):
+            assert all(b[1][r] >= a[1][r] for r in a[1])  # one projection raised per step
+            assert sum(b[1][r] > a[1][r] for r in a[1]) == 1
