@@ -2,7 +2,7 @@
 
     python bench/profile_overhead.py [--model smollm2-135m] [--windows 8] [--reps 5] [--json]
 
-Prints a table (or one JSON object with --json) with the median times of >= 5 interleaved repetitions,
+Prints a table (or one JSON object with --json) and writes the JSON to bench/results/profile_overhead.json, with the median times of >= 5 interleaved repetitions,
 their ratio, and the peak RSS of separate child processes profiling 4k and 64k tokens.
 """
 
@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rss-tokens", default="4096,65536", help="token counts for the peak-RSS children ('' skips)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--out", default="bench/results/profile_overhead.json", help="where the JSON is written too")
     args = ap.parse_args()
 
     import actlab
@@ -82,6 +83,9 @@ def main() -> None:
         result["peak_rss"] = rss
         result["rss_ratio"] = rss[-1]["peak_rss_mb"] / rss[0]["peak_rss_mb"]
     result["peak_rss_this_process_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from actlab.fsutil import atomic_write_json
+
+    atomic_write_json(args.out, result)
     if args.json:
         print(json.dumps(result))
         return

@@ -157,13 +157,13 @@ def collect(args, cells: Cells) -> dict:
 
 
 def report(args, cells: Cells) -> None:
-    from actlab.fsutil import atomic_path, atomic_write_json, atomic_write_text
+    from actlab.fsutil import atomic_write_json, atomic_write_text
 
     out = Path(args.out)
     table = collect(args, cells)
     atomic_write_json(out / "sweep.json", table)
     levels = args.levels.split(",")
-    lines = [f"# Activation sparsity sweep\n",
+    lines = ["# Activation sparsity sweep\n",
              f"Calibration: WikiText-2 valid, {args.calib_windows} x {args.seq_len} tokens; evaluation: first "
              f"{args.windows} x {args.seq_len} tokens of WikiText-2 test; every token sparsified; budgets are "
              f"effective sparsities (achieved on the evaluation tokens in brackets); {args.refine} refinement "

@@ -148,6 +148,28 @@ def sparsify_cmd(
                         f"sparse ({out['ppl_increase']:+.1%}) on {out['eval_data']}")
 
 
+@app.command("sparsity-at-ppl")
+def sparsity_at_ppl_cmd(
+    model: ModelOpt = "smollm2-135m",
+    p: Annotated[float, typer.Option("--p", help="allowed perplexity increase over dense, in percent")] = 1.0,
+    calib: Annotated[Optional[str], typer.Option(help="calibration corpus (default: the calibration half of python-docs)")] = None,
+    eval_data: Annotated[Optional[str], typer.Option("--eval", help="evaluation corpus (default: the evaluation half of python-docs)")] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len")] = 1024,
+    windows: Annotated[int, typer.Option(help="evaluation windows")] = 16,
+    calib_windows: Annotated[int, typer.Option("--calib-windows", help="windows whose FFN activations fix the per-layer thresholds")] = 4,
+    steps: Annotated[int, typer.Option(help="bisection steps on the common CETT")] = 8,
+    as_json: JsonOpt = False,
+) -> None:
+    """PPL-p% sparsity (Sparsing Law): the highest FFN activation sparsity with perplexity within p% of dense."""
+    from actlab.transforms.sparsity.pipeline import sparsity_at_ppl_job
+
+    out = sparsity_at_ppl_job(model, p=p, calib=calib, eval_data=eval_data, seq_len=seq_len, windows=windows,
+                              calib_windows=calib_windows, steps=steps, log=_log)
+    _emit(out, as_json, f"{out['model']} PPL-{p:g}% sparsity: {out['activation_sparsity']:.3f} of FFN neurons "
+                        f"(CETT {out['cett']:.4f}; ppl {out['dense_ppl']:.3f} dense -> {out['ppl']:.3f}, limit "
+                        f"{out['ppl_limit']:.3f}; effective sparsity {out['effective_sparsity']:.3f}) on {out['eval_data']}")
+
+
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmarks.")
 app.add_typer(bench_app, name="bench")
 
@@ -174,10 +196,10 @@ def bench_decode_cmd(
         _log(profile_step(model, SparsityRecipe.load(recipe) if recipe else None, log=_log))
     _emit(out, as_json, "\n".join([
         f"{out['model']} ({out['method']} at {out['target_sparsity']:.0%}, achieved {out['achieved_sparsity']:.3f}), "
-        f"{out['tokens']} tokens, median of {out['reps']}:",
-        f"  HF generate   {out['hf_tok_s']:7.2f} tok/s",
-        f"  engine dense  {out['dense_tok_s']:7.2f} tok/s  ({out['dense_over_hf']:.2f}x HF)",
-        f"  engine sparse {out['sparse_tok_s']:7.2f} tok/s  ({out['sparse_over_dense']:.2f}x dense, "
+        f"{out['tokens']} tokens, median of {out['reps']}; decode phase (after the prompt's prefill), end to end in brackets:",
+        f"  HF generate   {out['hf_tok_s']:7.2f} tok/s  [{out['hf_e2e_tok_s']:.2f}]",
+        f"  engine dense  {out['dense_tok_s']:7.2f} tok/s  [{out['dense_e2e_tok_s']:.2f}]  ({out['dense_over_hf']:.2f}x HF)",
+        f"  engine sparse {out['sparse_tok_s']:7.2f} tok/s  [{out['sparse_e2e_tok_s']:.2f}]  ({out['sparse_over_dense']:.2f}x dense, "
         f"{out['sparse_over_hf']:.2f}x HF; ceiling {out['ceiling']:.2f}x, {out['ceiling_fp32_head']:.2f}x with a "
         "float32 head)"]))
 

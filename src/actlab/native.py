@@ -8,12 +8,14 @@ fall back to plain torch operations (same results, slower).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import os
 import platform
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -37,6 +39,22 @@ def _cpu_signature() -> str:
     return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:8]
 
 
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """An inter-process lock that the OS releases when the holding process dies (flock; no-op without fcntl)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; torch's own lock still serialises builds
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def build_dir(name: str) -> Path:
     source = (CSRC / f"{name}.cpp").read_bytes()
     key = hashlib.sha256(source + " ".join(CFLAGS + LDFLAGS).encode()).hexdigest()[:10]
@@ -53,8 +71,14 @@ def load(name: str) -> ModuleType | None:
     directory = build_dir(name)
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        return cpp_extension.load(name=f"actlab_{name}", sources=[str(CSRC / f"{name}.cpp")],
-                                  extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(directory), verbose=False)
+        with _exclusive(directory / ".actlab-build.lock"):
+            # torch's own build lock is a plain file that a killed build leaves behind, after which every
+            # later build waits forever; under our OS-level lock (released when its holder dies) any such
+            # file is stale.
+            (directory / "lock").unlink(missing_ok=True)
+            return cpp_extension.load(name=f"actlab_{name}", sources=[str(CSRC / f"{name}.cpp")],
+                                      extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(directory),
+                                      verbose=False)
     except Exception as exc:  # no compiler, no Python headers, ...
         warnings.warn(f"actlab: could not build the {name} kernel ({type(exc).__name__}: {exc}); "
                       "falling back to plain torch operations", RuntimeWarning, stacklevel=2)

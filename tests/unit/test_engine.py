@@ -85,6 +85,44 @@ def test_int8_gemv_bound_holds(kernels):
         assert bool(((w @ h - approx).abs() <= err + 1e-5).all())
 
 
+@pytest.mark.parametrize("kernels", KERNELS, ids=["native", "torch"])
+@pytest.mark.parametrize("heads,kv,dim,pos,start,rope,softcap", [
+    (4, 4, 16, 0, 0, True, 0.0), (6, 2, 8, 9, 0, True, 0.0), (9, 3, 64, 40, 5, False, 0.0),
+    (8, 1, 32, 300, 100, True, 30.0), (2, 2, 6, 7, 7, False, 0.0)])
+def test_decode_attention_equals_sdpa(kernels, heads, kv, dim, pos, start, rope, softcap):
+    g = torch.Generator().manual_seed(pos)
+    q, k, v = (torch.randn(n, dim, generator=g) for n in (heads, kv, kv))
+    k_cache, v_cache = torch.randn(kv, pos + 3, dim, generator=g), torch.randn(kv, pos + 3, dim, generator=g)
+    cos, sin = (torch.randn(dim, generator=g), torch.randn(dim, generator=g)) if rope else (torch.empty(0),) * 2
+    scaling = dim**-0.5
+    # reference: explicit rotary formula, cache update, repeated kv heads, SDPA over the window
+    kc, vc = k_cache.clone(), v_cache.clone()
+    if rope:
+        half = dim // 2
+        rot = lambda x: x * cos + torch.cat((-x[:, half:], x[:, :half]), -1) * sin  # noqa: E731
+        q_ref, k_ref = rot(q), rot(k)
+    else:
+        q_ref, k_ref = q, k
+    kc[:, pos], vc[:, pos] = k_ref, v
+    keys = kc[:, start : pos + 1].repeat_interleave(heads // kv, 0)
+    values = vc[:, start : pos + 1].repeat_interleave(heads // kv, 0)
+    scores = torch.einsum("hd,htd->ht", q_ref, keys) * scaling
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    expected = torch.einsum("ht,htd->hd", scores.softmax(-1), values).reshape(-1)
+    out = kernels.decode_attention(q, k, v, k_cache, v_cache, pos, start, cos, sin, scaling, softcap)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(k_cache, kc)  # the cache was written in place, at pos only
+    torch.testing.assert_close(v_cache, vc)
+
+
+@pytest.mark.parametrize("kernels", KERNELS, ids=["native", "torch"])
+def test_rms_norm_equals_formula(kernels):
+    x, w = torch.randn(5, 37) * 4, torch.randn(37)
+    expected = x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * w
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_exact_head_argmax_even_on_near_ties():
     torch.manual_seed(0)
     w = torch.randn(3000, 64) * 0.05

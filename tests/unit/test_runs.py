@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from actlab.errors import CorpusError, RunDirectoryError
+from actlab.models.tiny import TINY_CONFIGS
 from actlab.probe import Profiler
 from actlab.report.rundir import RunDirectory
 from actlab.runs import ProfileOptions, merge, profile, rerender
@@ -191,3 +192,16 @@ def test_profile_errors_are_clear(tmp_path, tiny_llama):
         profile("tiny-llama", str(short), tmp_path / "s", tokens=128, lm=tiny_llama, **KW)
     with pytest.raises(RunDirectoryError, match="no run to resume"):
         profile("tiny-llama", None, tmp_path / "none", tokens=128, resume=True, lm=tiny_llama, **KW)
+
+
+@pytest.mark.parametrize("model", sorted(TINY_CONFIGS))
+def test_profile_command_on_every_tiny_architecture(tmp_path, model):
+    """`actlab profile --model <tiny>` end to end through the CLI: complete run, tables, report."""
+    out = subprocess.run([sys.executable, "-m", "actlab.cli", "profile", "--model", model, "--tokens", "256",
+                          "--seq-len", "128", "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["tokens_done"] == 256
+    layers = pd.read_parquet(tmp_path / "run" / "tables" / "layers.parquet")
+    assert len(layers) == manifest["model"]["architecture"]["layers"]
+    assert (tmp_path / "run" / "report.html").stat().st_size > 10_000

@@ -4,7 +4,7 @@
 // if it never touches the weight columns of dropped inputs, in place: the weights are stored transposed
 // (Wt = W^T, [in, out] row-major) so that the row of each kept input channel is contiguous, and the kernel
 // accumulates  y = sum_{i kept} x_i * Wt[i, :]  over the kept rows only. Threads own disjoint blocks of
-// outputs, so each reads a contiguous slice of every kept row and no reduction is needed.
+// kept rows, so each streams whole rows, and their partial outputs are summed at the end.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -14,11 +14,6 @@
 #include <vector>
 
 namespace {
-
-inline int64_t out_grain(int64_t out) {
-  const int64_t threads = std::max(1, at::get_num_threads());
-  return std::max<int64_t>(64, (out + threads - 1) / threads);
-}
 
 // y[o0:o1] = sum_k vals[k] * Wt[rows[k], o0:o1], four rows at a time (fewer passes over y).
 inline void accumulate_rows(const float* __restrict__ wt, int64_t out, const int32_t* rows, const float* vals,
@@ -49,9 +44,28 @@ torch::Tensor gather_accumulate(const torch::Tensor& wt, const std::vector<int32
   const float* w = wt.data_ptr<float>();
   float* py = y.data_ptr<float>();
   const int64_t n = static_cast<int64_t>(rows.size());
-  at::parallel_for(0, out, out_grain(out), [&](int64_t o0, int64_t o1) {
-    accumulate_rows(w, out, rows.data(), vals.data(), n, py, o0, o1);
+  const int64_t threads = std::min<int64_t>(std::max(1, at::get_num_threads()), std::max<int64_t>(1, n / 16));
+  if (threads == 1) {
+    accumulate_rows(w, out, rows.data(), vals.data(), n, py, 0, out);
+    return y;
+  }
+  // Threads split the kept rows (each streams whole rows, nearly sequential addresses) into private
+  // accumulators, summed at the end: out floats per thread, trivial next to the rows read. Splitting the
+  // outputs instead cuts every row into short strided pieces (k/v rows are only 192 floats).
+  static thread_local std::vector<float> buffer;
+  buffer.resize((threads - 1) * out);
+  float* partial = buffer.data();  // a plain pointer: inside the lambda, worker threads would see their own buffer
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t k0 = n * t / threads, k1 = n * (t + 1) / threads;
+      float* dst = t == 0 ? py : partial + (t - 1) * out;
+      accumulate_rows(w, out, rows.data() + k0, vals.data() + k0, k1 - k0, dst, 0, out);
+    }
   });
+  for (int64_t t = 1; t < threads; ++t) {
+    const float* src = partial + (t - 1) * out;
+    for (int64_t j = 0; j < out; ++j) py[j] += src[j];
+  }
   return y;
 }
 
@@ -70,17 +84,21 @@ std::tuple<torch::Tensor, int64_t> sparse_gemv(const torch::Tensor& wt, const to
   const float* px = x.data_ptr<float>();
   const float* ps = scale.defined() && scale.numel() ? scale.data_ptr<float>() : nullptr;
   const float t = static_cast<float>(threshold);
-  std::vector<int32_t> rows;
-  std::vector<float> vals;
-  rows.reserve(in);
-  vals.reserve(in);
+  // Branch-free compaction of the kept channels (a data-dependent branch mispredicts on about half of
+  // them), into buffers reused across calls (this runs ~200 times per decoded token).
+  static thread_local std::vector<int32_t> rows;
+  static thread_local std::vector<float> vals;
+  rows.resize(in);
+  vals.resize(in);
+  int64_t n = 0;
   for (int64_t i = 0; i < in; ++i) {
     const float score = ps ? std::fabs(px[i]) * ps[i] : std::fabs(px[i]);
-    if (score > t) {
-      rows.push_back(static_cast<int32_t>(i));
-      vals.push_back(px[i]);
-    }
+    rows[n] = static_cast<int32_t>(i);
+    vals[n] = px[i];
+    n += score > t;
   }
+  rows.resize(n);
+  vals.resize(n);
   const int64_t kept = static_cast<int64_t>(rows.size());
   return {gather_accumulate(wt, rows, vals), kept};
 }
@@ -142,38 +160,146 @@ torch::Tensor row_gemv(const torch::Tensor& w, const torch::Tensor& x, const tor
   return y;
 }
 
-// int8 GEMV with group scales: y_j = sum_g s[j, g] * sum_{i in g} q[j, i] x_i, and a bound on its error,
-// e_j = sum_g s[j, g] / 2 * ||x_g||_1 (rounding to nearest int8 is off by at most half a step).
+// int8 GEMV with group scales and a rigorous bound on its error against the float32 product W x.
+// x is quantized per group to int16 (step sx_g = max|x_g| / 32767) so that every group's dot product is an
+// exact integer sum (int8 x int16 -> int32: the widening multiply-add CPUs do 32 lanes at a time), then
+//   y_j = sum_g s[j, g] * sx_g * sum_{i in g} q[j, i] xq_i.
+// Error: w_i x_i - s q_i sx xq_i = (w_i - s q_i) x_i + s q_i (x_i - sx xq_i), so with |w - s q| <= s/2 and
+// |x - sx xq| <= sx/2,   |(W x)_j - y_j| <= e_j = sum_g s[j, g] (||x_g||_1 / 2 + 127 * g * sx_g / 2).
 std::tuple<torch::Tensor, torch::Tensor> int8_gemv(const torch::Tensor& q, const torch::Tensor& s,
                                                    const torch::Tensor& x) {
   TORCH_CHECK(q.dtype() == torch::kInt8 && q.is_contiguous() && q.dim() == 2, "q must be [rows, in] int8");
   TORCH_CHECK(s.dtype() == torch::kFloat32 && s.is_contiguous() && s.size(0) == q.size(0), "scales [rows, groups]");
   const int64_t rows = q.size(0), in = q.size(1), groups = s.size(1), g = in / groups;
-  TORCH_CHECK(g * groups == in, "in must be a multiple of the group count");
-  std::vector<float> l1(groups, 0.f);
+  TORCH_CHECK(g * groups == in && x.numel() == in, "in must be a multiple of the group count and match x");
+  TORCH_CHECK(g <= 512, "groups of at most 512 weights (the int32 group sums must not overflow)");
   const float* px = x.data_ptr<float>();
-  for (int64_t k = 0; k < groups; ++k)
-    for (int64_t i = k * g; i < (k + 1) * g; ++i) l1[k] += std::fabs(px[i]);
+  std::vector<int16_t> xq(in);
+  std::vector<float> step(groups), slack(groups);
+  for (int64_t k = 0; k < groups; ++k) {
+    float mx = 0.f, l1 = 0.f;
+    for (int64_t i = k * g; i < (k + 1) * g; ++i) {
+      mx = std::max(mx, std::fabs(px[i]));
+      l1 += std::fabs(px[i]);
+    }
+    const float sx = mx > 0.f ? mx / 32767.f : 1.f;
+    for (int64_t i = k * g; i < (k + 1) * g; ++i)
+      xq[i] = static_cast<int16_t>(std::max(-32767.f, std::min(32767.f, std::nearbyint(px[i] / sx))));
+    step[k] = sx;
+    // float32 sums carry a relative error ~g * 2^-24; the 1.001 and 1.01 factors cover it with room to spare
+    slack[k] = 0.5f * l1 * 1.001f + 0.5f * 127.f * static_cast<float>(g) * sx * 1.01f;
+  }
   auto y = torch::empty({rows}, torch::kFloat32);
   auto e = torch::empty({rows}, torch::kFloat32);
   const int8_t* pq = q.data_ptr<int8_t>();
   const float* ps = s.data_ptr<float>();
+  const int16_t* pxq = xq.data();
   float *py = y.data_ptr<float>(), *pe = e.data_ptr<float>();
   at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int8_t* __restrict__ row = pq + r * in;
+      const float* __restrict__ sr = ps + r * groups;
       float acc = 0.f, err = 0.f;
       for (int64_t k = 0; k < groups; ++k) {
-        float part = 0.f;
-        for (int64_t i = k * g; i < (k + 1) * g; ++i) part += static_cast<float>(row[i]) * px[i];
-        acc += ps[r * groups + k] * part;
-        err += 0.5f * ps[r * groups + k] * l1[k];
+        int32_t dot_q = 0;
+        for (int64_t i = k * g; i < (k + 1) * g; ++i) dot_q += static_cast<int32_t>(row[i]) * pxq[i];
+        acc += sr[k] * (step[k] * static_cast<float>(dot_q));
+        err += sr[k] * slack[k];
       }
       py[r] = acc;
       pe[r] = err;
     }
   });
   return {y, e};
+}
+
+// One decode step of attention for one layer, fused: rotary embedding of q and k (rotate-half convention;
+// cos/sin may be empty), k and v written into the layer's cache at `pos`, then for every query head the
+// softmax(q.K^T * scaling [soft-capped]) . V over cache positions [start, pos]. Replaces ~15 small torch ops
+// per layer, whose dispatch cost rivals the weight reads of a 135M-parameter model.
+// q [H, D], k/v [KV, D], kc/vc [KV, T, D] contiguous; returns [H * D].
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, const torch::Tensor& v, torch::Tensor kc,
+                               torch::Tensor vc, int64_t pos, int64_t start, const torch::Tensor& cos,
+                               const torch::Tensor& sin, double scaling, double softcap) {
+  q = q.contiguous().clone();
+  k = k.contiguous().clone();
+  auto vv = v.contiguous();
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && kc.is_contiguous() && vc.is_contiguous(), "float32, contiguous caches");
+  const int64_t H = q.size(0), D = q.size(1), KV = k.size(0), T = kc.size(1);
+  TORCH_CHECK(kc.size(0) == KV && kc.size(2) == D && pos < T && start <= pos && H % KV == 0, "shapes");
+  float *pq = q.data_ptr<float>(), *pk = k.data_ptr<float>();
+  if (cos.defined() && cos.numel()) {
+    const float *c = cos.data_ptr<float>(), *s = sin.data_ptr<float>();
+    const int64_t half = D / 2;
+    auto rotate = [&](float* x, int64_t n) {
+      std::vector<float> tmp(D);
+      for (int64_t r = 0; r < n; ++r) {
+        float* row = x + r * D;
+        for (int64_t i = 0; i < half; ++i) tmp[i] = row[i] * c[i] - row[i + half] * s[i];
+        for (int64_t i = half; i < D; ++i) tmp[i] = row[i] * c[i] + row[i - half] * s[i];
+        std::copy(tmp.begin(), tmp.end(), row);
+      }
+    };
+    rotate(pq, H);
+    rotate(pk, KV);
+  }
+  float *pkc = kc.data_ptr<float>(), *pvc = vc.data_ptr<float>();
+  const float* pv = vv.data_ptr<float>();
+  for (int64_t h = 0; h < KV; ++h) {
+    std::copy(pk + h * D, pk + (h + 1) * D, pkc + (h * T + pos) * D);
+    std::copy(pv + h * D, pv + (h + 1) * D, pvc + (h * T + pos) * D);
+  }
+  const int64_t n = pos + 1 - start, group = H / KV;
+  auto out = torch::empty({H * D}, torch::kFloat32);
+  float* po = out.data_ptr<float>();
+  const float sc = static_cast<float>(scaling), cap = static_cast<float>(softcap);
+  auto head = [&](int64_t h) {
+    const float* qh = pq + h * D;
+    const float* keys = pkc + ((h / group) * T + start) * D;
+    const float* vals = pvc + ((h / group) * T + start) * D;
+    std::vector<float> p(n);
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < n; ++t) {
+      float sdot = dot(qh, keys + t * D, D) * sc;
+      if (cap > 0.f) sdot = cap * std::tanh(sdot / cap);
+      p[t] = sdot;
+      mx = std::max(mx, sdot);
+    }
+    float sum = 0.f;
+    for (int64_t t = 0; t < n; ++t) sum += (p[t] = std::exp(p[t] - mx));
+    float* oh = po + h * D;
+    for (int64_t i = 0; i < D; ++i) oh[i] = 0.f;
+    for (int64_t t = 0; t < n; ++t) {
+      const float w = p[t] / sum;
+      const float* vt = vals + t * D;
+      for (int64_t i = 0; i < D; ++i) oh[i] += w * vt[i];
+    }
+  };
+  // threads only pay off once the cache is long; short contexts run on the calling thread
+  if (n * H * D < (1 << 16)) {
+    for (int64_t h = 0; h < H; ++h) head(h);
+  } else {
+    at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) { for (int64_t h = h0; h < h1; ++h) head(h); });
+  }
+  return out;
+}
+
+// RMSNorm of each row of x [..., D]: (x * rsqrt(mean(x^2) + eps)) * w, in one call instead of ~6 torch ops.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  auto xc = x.contiguous();
+  TORCH_CHECK(xc.dtype() == torch::kFloat32 && w.is_contiguous() && w.dtype() == torch::kFloat32, "float32");
+  const int64_t D = w.numel(), rows = xc.numel() / D;
+  TORCH_CHECK(rows * D == xc.numel(), "x's last dimension must match w");
+  auto y = torch::empty_like(xc);
+  const float *px = xc.data_ptr<float>(), *pw = w.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = px + r * D;
+    const float ss = dot(xr, xr, D);
+    const float scale = 1.0f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+    for (int64_t i = 0; i < D; ++i) py[r * D + i] = (xr[i] * scale) * pw[i];
+  }
+  return y;
 }
 
 }  // namespace
@@ -183,5 +309,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("indexed_gemv", &indexed_gemv, "input-sparse GEMV on given channels");
   m.def("dense_gemv", &dense_gemv, "dense GEMV on W [out, in]");
   m.def("row_gemv", &row_gemv, "output-sparse GEMV on selected rows of W [out, in]");
+  m.def("decode_attention", &decode_attention, "fused rotary + cache write + attention for one decode step");
+  m.def("rms_norm", &rms_norm, "row-wise RMSNorm with a weight vector");
   m.def("int8_gemv", &int8_gemv, "int8 GEMV with group scales and a per-row error bound");
 }

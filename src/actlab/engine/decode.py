@@ -25,9 +25,31 @@ from actlab.transforms.sparsity.base import SparsityRecipe, effective_sparsity, 
 from actlab.transforms.sparsity.masking import attach
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+NO_ROPE = torch.empty(0)
+
+
+
+def direct(module):
+    """A module's forward without nn.Module's call machinery (hooks are not used in the decode loop)."""
+    return module.forward if isinstance(module, torch.nn.Module) else module
+
+
+def fused_norm(norm, width: int, kernels):
+    """The model's norm as one kernel call when it is an RMSNorm - x * rsqrt(mean(x^2) + eps) * w, or
+    * (1 + w) as in Gemma - which is checked numerically on random inputs; otherwise the module itself
+    (LayerNorm, or anything unusual). Per-op dispatch, not arithmetic, is what a norm costs at batch 1."""
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    weight = getattr(norm, "weight", None)
+    if norm is None or eps is None or weight is None or tuple(weight.shape) != (width,):
+        return direct(norm)
+    x = torch.randn(4, width, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.no_grad():
+        reference = norm(x).float()
+        for w in (weight.detach().float().contiguous(), (1.0 + weight.detach().float()).contiguous()):
+            fn = (lambda h, w=w, e=float(eps): kernels.rms_norm(h, w, e))
+            if torch.allclose(fn(x), reference, rtol=1e-5, atol=1e-5):
+                return fn
+    return direct(norm)
 
 
 @dataclass
@@ -86,16 +108,20 @@ class DecodeEngine:
                     mlp = ActSparseMLP(proj["gate"], layer.linears.get("up"), layer.linears["down"], layer.act_fn,
                                        act_rule, self.kernels)
                 elif layer.gated_mlp:
-                    mlp = (lambda x, p=proj, act=layer.act_fn: p["down"](act(p["gate"](x)) * p["up"](x)))
+                    mlp = (lambda x, p=proj, act=direct(layer.act_fn): p["down"](act(p["gate"](x)) * p["up"](x)))
                 else:
-                    mlp = (lambda x, p=proj, act=layer.act_fn: p["down"](act(p["gate"](x))))
+                    mlp = (lambda x, p=proj, act=direct(layer.act_fn): p["down"](act(p["gate"](x))))
+                d, hd = ad.hidden_size, self.head_dim
                 self.layers.append(EngineLayer(
-                    index=i, attn_norm=layer.attn_norm, mlp_norm=layer.mlp_norm, projections=proj, mlp=mlp,
+                    index=i, attn_norm=fused_norm(layer.attn_norm, d, self.kernels),
+                    mlp_norm=fused_norm(layer.mlp_norm, d, self.kernels), projections=proj, mlp=mlp,
                     scaling=float(getattr(layer.attn, "scaling", self.head_dim**-0.5)),
-                    window=ad.sliding_window(layer), q_norm=layer.q_norm, k_norm=layer.k_norm,
-                    attn_post_norm=layer.attn_post_norm, mlp_post_norm=layer.mlp_post_norm,
+                    window=ad.sliding_window(layer), q_norm=fused_norm(layer.q_norm, hd, self.kernels),
+                    k_norm=fused_norm(layer.k_norm, hd, self.kernels),
+                    attn_post_norm=fused_norm(layer.attn_post_norm, d, self.kernels),
+                    mlp_post_norm=fused_norm(layer.mlp_post_norm, d, self.kernels),
                     softcap=getattr(layer.attn, "attn_logit_softcapping", None), rope=rope[i] if rope else None))
-            self.final_norm = ad.final_norm
+            self.final_norm = fused_norm(ad.final_norm, ad.hidden_size, self.kernels)
             self.head = ExactArgmaxHead(ad.lm_head.weight, getattr(ad.lm_head, "bias", None), self.kernels)
             self.pos_table = None if ad.pos_embed is None else ad.pos_embed.weight.detach().float()
         shape = (len(self.layers), self.num_kv, self.max_len, self.head_dim)
@@ -154,22 +180,11 @@ class DecodeEngine:
             q = q * layer.scaling
         if layer.q_norm is not None:
             q, k = layer.q_norm(q), layer.k_norm(k)
-        if layer.rope is not None:
-            cos, sin = layer.rope[0][pos], layer.rope[1][pos]
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-        self.k_cache[layer.index, :, pos] = k
-        self.v_cache[layer.index, :, pos] = v.view(self.num_kv, self.head_dim)
+        cos, sin = (layer.rope[0][pos], layer.rope[1][pos]) if layer.rope is not None else (NO_ROPE, NO_ROPE)
         start = 0 if layer.window is None else max(0, pos + 1 - layer.window)
-        keys = self.k_cache[layer.index, :, start : pos + 1]  # [kv, t, d]
-        values = self.v_cache[layer.index, :, start : pos + 1]
-        qg = q.view(self.num_kv, self.num_heads // self.num_kv, self.head_dim)
-        scores = torch.matmul(qg, keys.transpose(1, 2))
-        if not self.q_prescaled:
-            scores = scores * layer.scaling
-        if layer.softcap is not None:
-            scores = layer.softcap * torch.tanh(scores / layer.softcap)
-        out = torch.matmul(torch.softmax(scores, dim=-1), values).reshape(-1)
+        out = self.kernels.decode_attention(q, k, v.view(self.num_kv, self.head_dim), self.k_cache[layer.index],
+                                            self.v_cache[layer.index], pos, start, cos, sin,
+                                            1.0 if self.q_prescaled else layer.scaling, layer.softcap or 0.0)
         o = p["o"](out)
         return o if layer.attn_post_norm is None else layer.attn_post_norm(o)
 

@@ -2,9 +2,9 @@
 
 Why C++/OpenMP (built on first use by torch.utils.cpp_extension, -O3 -march=native, sharing torch's OpenMP
 pool): batch-1 GEMV is bound by memory traffic, so the kernel must stream the kept weight rows in place.
-On this project's 2-core machine, measured by bench/gemv_kernels.py: torch.mv reads ~5 GB/s, the C++
-dense kernel ~10 GB/s, and the input-sparse kernel at 50% runs in half the dense kernel's time; gathering
-the kept rows with index_select first (what torch offers) is several times *slower* than dense.
+On this project's 2-core machine, measured by bench/gemv_kernels.py (docs/engine.md): torch.mv reads weights
+at ~15 GB/s, the C++ dense kernel at ~35 GB/s, and the input-sparse kernel at 50% takes 0.49x the dense
+kernel's time; gathering the kept rows with index_select first (what torch offers) is slower than dense.
 A numba version would need its own threading runtime beside torch's and another dependency.
 """
 
@@ -13,6 +13,11 @@ from __future__ import annotations
 import torch
 
 from actlab import native
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class TorchKernels:
@@ -35,6 +40,24 @@ class TorchKernels:
     @staticmethod
     def row_gemv(w: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return w.index_select(0, idx).mv(x)
+
+    @staticmethod
+    def decode_attention(q, k, v, k_cache, v_cache, pos: int, start: int, cos, sin, scaling: float,
+                         softcap: float) -> torch.Tensor:
+        """Rotary on q, k; write k, v into the layer's cache [kv, T, d] at pos; attend over [start, pos]."""
+        if cos.numel():
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k_cache[:, pos] = k
+        v_cache[:, pos] = v
+        heads, kv = q.shape[0], k.shape[0]
+        scores = torch.matmul(q.view(kv, heads // kv, -1), k_cache[:, start : pos + 1].transpose(1, 2)) * scaling
+        if softcap > 0:
+            scores = softcap * torch.tanh(scores / softcap)
+        return torch.matmul(torch.softmax(scores, dim=-1), v_cache[:, start : pos + 1]).reshape(-1)
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)) * w
 
     @staticmethod
     def int8_gemv(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor):

@@ -25,6 +25,7 @@ class EngineLinear:
         else:
             self.wt = w.t().contiguous()
             self.scale = rule.scale_tensor() if rule.scale is not None else torch.empty(0)
+        self.fixed_cutoff = self.rule.threshold if self.rule is not None and self.rule.kind == "threshold" else None
         b = view.bias()
         bias = None if b is None else b.detach().float().clone()
         if bias_extra:
@@ -52,10 +53,12 @@ class EngineLinear:
         return float(score.mean() + rule.z * score.std())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # called ~200 times per token: no helper calls on the path (each Python call is ~0.5 us)
         if self.rule is None:
             y = self.kernels.dense_gemv(self.w, x)
         else:
-            y, kept = self.kernels.sparse_gemv(self.wt, x, self.scale, self.cutoff(x))
+            cutoff = self.fixed_cutoff if self.fixed_cutoff is not None else self.cutoff(x)
+            y, kept = self.kernels.sparse_gemv(self.wt, x, self.scale, cutoff)
             self.kept += kept
             self.seen += self.in_features
         return y if self.bias is None else y + self.bias

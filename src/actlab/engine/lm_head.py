@@ -1,11 +1,13 @@
 """Exact greedy token selection that reads a quarter of the LM head.
 
 The LM head is the largest single read of a decode step (SmolLM2: 113 MB of 538 MB in float32). An int8
-copy with one scale per 64 weights gives approximate logits a_j and a rigorous bound e_j on their error
-(|w - s*round(w/s)| <= s/2 per weight, so |logit_j - a_j| <= sum_g s_jg/2 * ||h_g||_1). Only tokens whose
-interval [a_j - e_j, a_j + e_j] reaches the best lower bound can be the argmax; they are re-scored exactly
-in float32. The result is the argmax of the float32 logits - the same token as a full float32 head -
-while streaming ~1/4 of the bytes. Soft-capping (tanh) is monotone and does not change the argmax.
+copy with one scale per 64 weights, multiplied by the hidden state quantized per group to int16 (exact
+integer group sums, see int8_gemv in csrc/sparse_gemv.cpp), gives approximate logits a_j and a rigorous
+bound e_j on their error (|w - s*round(w/s)| <= s/2 per weight and |x - sx*round(x/sx)| <= sx/2 per input,
+so |logit_j - a_j| <= sum_g s_jg (||h_g||_1 / 2 + 127 * 64 * sx_g / 2)). Only tokens whose interval
+[a_j - e_j, a_j + e_j] reaches the best lower bound can be the argmax; they are re-scored exactly in
+float32. The result is the argmax of the float32 logits - the same token as a full float32 head - while
+streaming ~1/4 of the bytes. Soft-capping (tanh) is monotone and does not change the argmax.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ GROUP = 64
 class ExactArgmaxHead:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels, group: int = GROUP):
         w = weight.detach().float().contiguous()
-        if w.shape[1] % group:
-            group = w.shape[1]
+        while w.shape[1] % group:  # the largest group size <= GROUP that divides the hidden size
+            group -= 1
         self.weight, self.bias, self.kernels = w, None if bias is None else bias.detach().float(), kernels
         g = w.view(w.shape[0], -1, group)
         scale = g.abs().amax(-1).clamp_min(1e-30) / 127.0

@@ -40,3 +40,20 @@ def sparsify(model: str, *, method: str | None, sparsity: float | None, calib: s
         "positions": positions, "calib_data": recipe.calibration.get("data"), "eval_data": corpus.name,
         "eval_tokens": dense.tokens, "seq_len": seq_len, "windows": windows, "recipe": save,
     }
+
+
+def sparsity_at_ppl_job(model: str, *, p: float = 1.0, calib: str | None, eval_data: str | None,
+                        seq_len: int = 1024, windows: int = 16, calib_windows: int = 4, steps: int = 8,
+                        log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
+    """PPL-p% sparsity of a model (Sparsing Law's CETT criterion), on held-out evaluation windows."""
+    from actlab.transforms.sparsity.cett import sparsity_at_ppl
+
+    if not p > 0:
+        raise ConfigError("--p must be a positive percentage")
+    lm = load_model(model, log_fn=log)
+    corpus = load_corpus(eval_data, role="eval")
+    eval_windows = make_windows(lm.tokenizer, corpus, WindowSpec(seq_len=seq_len, num_windows=windows), lm.max_context)
+    data = CalibrationData.from_corpus(lm, calib, seq_len=seq_len, windows=calib_windows)
+    out = sparsity_at_ppl(data, eval_windows, p=p, steps=steps, progress=progress)
+    return {**out, "calib_data": data.corpus.get("name"), "eval_data": corpus.name, "seq_len": seq_len,
+            "windows": windows, "search_steps": steps}
