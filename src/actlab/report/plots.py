@@ -109,7 +109,10 @@ def layer_redundancy(t: dict[str, pd.DataFrame]) -> bytes:
 def logit_lens(t: dict[str, pd.DataFrame]) -> bytes:
     layers = t["layers"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.4))
-    a.plot(layers["layer"], layers["logit_lens_loss"], "o-")
+    if "logit_lens_loss" in layers:
+        a.plot(layers["layer"], layers["logit_lens_loss"], "o-")
+    else:
+        a.text(0.5, 0.5, "logit lens not collected", ha="center", va="center", transform=a.transAxes)
     a.set_xlabel("layer")
     a.set_ylabel("next-token loss (nats)")
     a.set_title("logit lens")

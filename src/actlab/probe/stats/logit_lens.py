@@ -15,8 +15,9 @@ from actlab.probe.stats.base import BatchInfo, Statistic, TableContext
 
 
 def lens_positions(seq_len: int, stride: int) -> torch.Tensor:
-    """Positions whose next token is predicted: stride-1, 2*stride-1, ... (all < seq_len - 1)."""
-    return torch.arange(stride - 1, seq_len - 1, stride)
+    """Positions whose next token is predicted: stride-1, 2*stride-1, ... (all < seq_len - 1); windows no
+    longer than the stride still get one, their last predicting position."""
+    return torch.arange(min(stride, seq_len - 1) - 1, seq_len - 1, stride)
 
 
 def decode_residual(adapter: ModelAdapter, h: torch.Tensor) -> torch.Tensor:
