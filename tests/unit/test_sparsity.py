@@ -272,3 +272,16 @@ def test_teal_greedy_table_is_monotone(setup):
         for a, b in zip(rows, rows[1:]):
             assert all(b[1][r] >= a[1][r] for r in a[1])  # one projection raised per step
             assert sum(b[1][r] > a[1][r] for r in a[1]) == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "teal", "--sparsity", "1.5"], "sparsity must be in [0, 1)"),
+    (["--method", "nope", "--sparsity", "0.5"], "unknown sparsity method 'nope'"),
+])
+def test_cli_rejects_bad_input_before_loading(args, message):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "actlab.cli", "sparsify", "--model", "no/such-model", *args],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and message in out.stderr  # the bad model name is never reached

@@ -49,4 +49,4 @@ def calibrate(method: str | Sparsifier, calib: CalibrationData, target: float, r
 
 
 __all__ = ["METHODS", "CalibrationData", "MaskRule", "Sparsifier", "SparsityMeter", "SparsityRecipe", "attach",
-           "calibrate", "get_method"]
+           "calibrate", "check_target", "get_method"]

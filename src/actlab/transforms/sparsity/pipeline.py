@@ -9,7 +9,7 @@ from actlab.data import WindowSpec, load_corpus, make_windows
 from actlab.errors import ConfigError
 from actlab.eval.perplexity import perplexity
 from actlab.models import load_model
-from actlab.transforms.sparsity import CalibrationData, SparsityRecipe, calibrate
+from actlab.transforms.sparsity import CalibrationData, SparsityRecipe, calibrate, check_target, get_method
 from actlab.transforms.sparsity.harness import evaluate
 
 
@@ -19,6 +19,10 @@ def sparsify(model: str, *, method: str | None, sparsity: float | None, calib: s
              progress: bool = True) -> dict[str, Any]:
     if positions not in ("all", "last-half"):
         raise ConfigError("--positions must be all or last-half")
+    if sparsity is not None:
+        check_target(sparsity)  # before minutes of model loading
+    if method is not None:
+        get_method(method)
     lm = load_model(model, log_fn=log)
     corpus = load_corpus(eval_data, role="eval")
     eval_windows = make_windows(lm.tokenizer, corpus, WindowSpec(seq_len=seq_len, num_windows=windows), lm.max_context)
