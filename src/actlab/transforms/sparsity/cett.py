@@ -15,6 +15,7 @@ sparsity of the budget definition (down-projection columns only) is reported too
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -36,13 +37,17 @@ class CettLayer:
     weight: torch.Tensor  # W_down [hidden, neurons]
     full_norm: torch.Tensor  # ||W a|| per token
 
+    @functools.cached_property
+    def contribution(self) -> torch.Tensor:
+        """||n_i|| = |a_i| * ||W[:, i]|| per token and neuron (fixed; every bisection step reuses it)."""
+        return self.activations.abs() * self.norms
+
     def cett(self, eps: float) -> float:
-        contribution = self.activations.abs() * self.norms
-        dropped = self.activations * (contribution < eps)
+        dropped = self.activations * (self.contribution < eps)
         return float(((dropped @ self.weight.t()).norm(dim=-1) / self.full_norm.clamp_min(1e-30)).mean())
 
     def threshold_for(self, c: float) -> float:
-        lo, hi = 0.0, float((self.activations.abs() * self.norms).max()) * 1.0001
+        lo, hi = 0.0, float(self.contribution.max()) * 1.0001
         for _ in range(BISECTION_STEPS):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if self.cett(mid) < c else (lo, mid)

@@ -13,6 +13,14 @@ from actlab.transforms.sparsity import CalibrationData, SparsityRecipe, calibrat
 from actlab.transforms.sparsity.harness import evaluate
 
 
+def _model_and_eval_windows(model: str, eval_data: str | None, seq_len: int, windows: int,
+                            log: Callable[[str], None]):
+    lm = load_model(model, log_fn=log)
+    corpus = load_corpus(eval_data, role="eval")
+    spec = WindowSpec(seq_len=seq_len, num_windows=windows)
+    return lm, corpus, make_windows(lm.tokenizer, corpus, spec, lm.max_context)
+
+
 def sparsify(model: str, *, method: str | None, sparsity: float | None, calib: str | None, eval_data: str | None,
              seq_len: int = 1024, windows: int = 16, calib_windows: int = 16, positions: str = "all",
              recipe_path: str | None = None, save: str | None = None, log: Callable[[str], None] = print,
@@ -23,9 +31,7 @@ def sparsify(model: str, *, method: str | None, sparsity: float | None, calib: s
         check_target(sparsity)  # before minutes of model loading
     if method is not None:
         get_method(method)
-    lm = load_model(model, log_fn=log)
-    corpus = load_corpus(eval_data, role="eval")
-    eval_windows = make_windows(lm.tokenizer, corpus, WindowSpec(seq_len=seq_len, num_windows=windows), lm.max_context)
+    lm, corpus, eval_windows = _model_and_eval_windows(model, eval_data, seq_len, windows, log)
     if recipe_path is not None:
         recipe = SparsityRecipe.load(recipe_path)
         recipe.check_model(lm.adapter)
@@ -54,9 +60,7 @@ def sparsity_at_ppl_job(model: str, *, p: float = 1.0, calib: str | None, eval_d
 
     if not p > 0:
         raise ConfigError("--p must be a positive percentage")
-    lm = load_model(model, log_fn=log)
-    corpus = load_corpus(eval_data, role="eval")
-    eval_windows = make_windows(lm.tokenizer, corpus, WindowSpec(seq_len=seq_len, num_windows=windows), lm.max_context)
+    lm, corpus, eval_windows = _model_and_eval_windows(model, eval_data, seq_len, windows, log)
     data = CalibrationData.from_corpus(lm, calib, seq_len=seq_len, windows=calib_windows)
     out = sparsity_at_ppl(data, eval_windows, p=p, steps=steps, progress=progress)
     return {**out, "calib_data": data.corpus.get("name"), "eval_data": corpus.name, "seq_len": seq_len,
