@@ -4,7 +4,8 @@
                                    [--windows 16] [--out bench/results/sparsity_sweep] [--report-only]
 
 Protocol: calibrate on WikiText-2 valid (--calib-windows windows of --seq-len tokens), evaluate on the first
---windows non-overlapping windows of WikiText-2 test; every token is sparsified (decode behaviour); dense
+--windows non-overlapping windows of WikiText-2 test; every token is sparsified (decode behaviour; `--positions
+last-half`: TEAL's protocol, the first half of each window dense, for prompt-based methods like coreinfer); dense
 measured in the same run. Budgets are effective sparsities (parameter-weighted fraction of projection
 weight columns skipped per token); every method gets --refine budget-refinement steps. Zero-shot accuracy
 (ARC-Easy test, PIQA validation: the first --task-items items of each, in file order) for dense and every
@@ -44,6 +45,11 @@ def method_version(name: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:10]
 
 
+def cell_prefix(args, model: str) -> str:
+    base = f"v{SWEEP_VERSION}|{model}|w{args.windows}|c{args.calib_windows}|L{args.seq_len}|r{args.refine}"
+    return base if args.positions == "all" else f"{base}|{args.positions}"
+
+
 class Cells:
     def __init__(self, path: Path):
         self.path = path
@@ -53,10 +59,17 @@ class Cells:
         return self.data.get(key)
 
     def put(self, key, value):
+        """Re-read under a lock before writing, so that sweeps of different models can run side by side."""
+        import fcntl
+
         from actlab.fsutil import atomic_write_json
 
-        self.data[key] = value
-        atomic_write_json(self.path, self.data)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.is_file():
+                self.data = {**json.loads(self.path.read_text()), **self.data}
+            self.data[key] = value
+            atomic_write_json(self.path, self.data)
 
 
 def run(args) -> None:
@@ -72,7 +85,7 @@ def run(args) -> None:
     (out / "recipes").mkdir(parents=True, exist_ok=True)
     cells = Cells(out / "cells.json")
     levels = [float(x) for x in args.levels.split(",")]
-    tasks = {name: load_task(name, args.task_items) for name in ("arc_easy", "piqa")}
+    tasks = {name: load_task(name, args.task_items) for name in ("arc_easy", "piqa")} if args.task_items else {}
 
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -82,16 +95,43 @@ def run(args) -> None:
         calib = CalibrationData.from_corpus(lm, "wikitext2", seq_len=args.seq_len, windows=args.calib_windows)
         ev = make_windows(lm.tokenizer, load_corpus("wikitext2", role="eval"),
                           WindowSpec(seq_len=args.seq_len, num_windows=args.windows), lm.max_context)
-        base = f"v{SWEEP_VERSION}|{model}|w{args.windows}|c{args.calib_windows}|L{args.seq_len}|r{args.refine}"
+        base = cell_prefix(args, model)
         if cells.get(f"{base}|dense") is None:
             t0 = time.time()
             cells.put(f"{base}|dense", {"ppl": perplexity(lm, ev, batch_size=1, progress=False).ppl,
                                         "seconds": time.time() - t0})
         log(f"{model} dense ppl {cells.get(f'{base}|dense')['ppl']:.3f}")
-        recipes = {}
-        for spec in args.methods.split(","):
-            name, params = parse_method(spec)
-            for level in levels:
+
+        def run_tasks():
+            recipes = {spec: out / "recipes" / f"{model}-{spec.replace(':', '_').replace('=', '-')}-{args.tasks_at}.json"
+                       for spec in args.methods.split(",")}
+            # zero-shot tasks: dense and every method at --tasks-at
+            from actlab.transforms.sparsity import SparsityRecipe
+
+            for spec in ["dense"] + args.methods.split(","):
+                version = "" if spec == "dense" else method_version(parse_method(spec)[0])
+                key = f"{base}|tasks{args.task_items}|{spec}|{version}|{args.tasks_at}"
+                if cells.get(key) is not None:
+                    continue
+                if spec != "dense" and not recipes[spec].exists():
+                    cells.put(key, {"error": "no recipe at this level"})
+                    continue
+                scores = {}
+                import contextlib
+
+                ctx = contextlib.nullcontext() if spec == "dense" else attach(lm, SparsityRecipe.load(recipes[spec]))
+                with ctx:
+                    for tname, items in tasks.items():
+                        r = evaluate_task(lm, tname, items, progress=False)
+                        scores[tname] = {"acc": r.acc, "acc_norm": r.acc_norm, "items": r.items, "seconds": r.seconds}
+                cells.put(key, scores)
+                log(f"{model} tasks {spec}: " + ", ".join(f"{t} {v['acc']:.3f}/{v['acc_norm']:.3f}"
+                                                         for t, v in scores.items()))
+
+        # levels outermost, in the order given: `--levels 0.5,...` finishes the headline column first
+        for level in levels:
+            for spec in args.methods.split(","):
+                name, params = parse_method(spec)
                 key = f"{base}|{spec}|{method_version(name)}|{level}"
                 recipe_path = out / "recipes" / f"{model}-{spec.replace(':', '_').replace('=', '-')}-{level}.json"
                 if cells.get(key) is not None and (recipe_path.exists() or "error" in cells.get(key)):
@@ -99,6 +139,7 @@ def run(args) -> None:
                 t0 = time.time()
                 try:
                     recipe = calibrate(name, calib, level, refine=args.refine, **params)
+                    recipe.positions = args.positions
                 except actlab.ActlabError as exc:
                     cells.put(key, {"error": str(exc)})
                     log(f"{model} {spec} {level}: {exc}")
@@ -109,38 +150,17 @@ def run(args) -> None:
                 cells.put(key, {**result.to_dict(), "predicted": recipe.predicted.get("effective"),
                                 "calib_seconds": t1 - t0, "eval_seconds": time.time() - t1})
                 log(f"{model} {spec} {level}: ppl {result.sparse_ppl:.3f} achieved {result.achieved_sparsity:.3f}")
-            recipes[spec] = out / "recipes" / f"{model}-{spec.replace(':', '_').replace('=', '-')}-{args.tasks_at}.json"
-        # zero-shot tasks: dense and every method at --tasks-at
-        from actlab.transforms.sparsity import SparsityRecipe
-
-        for spec in ["dense"] + args.methods.split(","):
-            version = "" if spec == "dense" else method_version(parse_method(spec)[0])
-            key = f"{base}|tasks{args.task_items}|{spec}|{version}|{args.tasks_at}"
-            if cells.get(key) is not None:
-                continue
-            if spec != "dense" and not recipes[spec].exists():
-                cells.put(key, {"error": "no recipe at this level"})
-                continue
-            scores = {}
-            import contextlib
-
-            ctx = contextlib.nullcontext() if spec == "dense" else attach(lm, SparsityRecipe.load(recipes[spec]))
-            with ctx:
-                for tname, items in tasks.items():
-                    r = evaluate_task(lm, tname, items, progress=False)
-                    scores[tname] = {"acc": r.acc, "acc_norm": r.acc_norm, "items": r.items, "seconds": r.seconds}
-            cells.put(key, scores)
-            log(f"{model} tasks {spec}: " + ", ".join(f"{t} {v['acc']:.3f}/{v['acc_norm']:.3f}"
-                                                     for t, v in scores.items()))
+            if level == args.tasks_at and args.task_items:
+                run_tasks()
     report(args, cells)
 
 
 def collect(args, cells: Cells) -> dict:
     levels = [float(x) for x in args.levels.split(",")]
     table = {"protocol": {k: getattr(args, k) for k in ("windows", "calib_windows", "seq_len", "refine", "task_items",
-                                                         "tasks_at", "levels")}, "models": {}}
+                                                         "tasks_at", "levels", "positions")}, "models": {}}
     for model in args.models.split(","):
-        base = f"v{SWEEP_VERSION}|{model}|w{args.windows}|c{args.calib_windows}|L{args.seq_len}|r{args.refine}"
+        base = cell_prefix(args, model)
         dense = cells.get(f"{base}|dense")
         if dense is None:
             continue
@@ -165,7 +185,9 @@ def report(args, cells: Cells) -> None:
     levels = args.levels.split(",")
     lines = ["# Activation sparsity sweep\n",
              f"Calibration: WikiText-2 valid, {args.calib_windows} x {args.seq_len} tokens; evaluation: first "
-             f"{args.windows} x {args.seq_len} tokens of WikiText-2 test; every token sparsified; budgets are "
+             f"{args.windows} x {args.seq_len} tokens of WikiText-2 test; "
+             + ("every token sparsified" if args.positions == "all" else "the last half of each window sparsified "
+                "(the first half dense, perplexity over all tokens)") + "; budgets are "
              f"effective sparsities (achieved on the evaluation tokens in brackets); {args.refine} refinement "
              "step(s) for every method. Perplexity (increase over dense).\n"]
     for model, m in table["models"].items():
@@ -184,6 +206,8 @@ def report(args, cells: Cells) -> None:
                     cellstr.append(f"{c['sparse_ppl']:.2f} ({c['sparse_ppl'] / m['dense_ppl'] - 1:+.1%}) "
                                    f"[{c['achieved_sparsity']:.3f}]")
             lines.append(f"| {spec} | " + " | ".join(cellstr) + " |")
+        if args.task_items == 0:
+            continue
         lines.append(f"\nZero-shot accuracy at {float(args.tasks_at):.0%} (acc / acc_norm; first {args.task_items} "
                      "items of ARC-Easy test and PIQA validation):\n")
         lines.append("| method | ARC-Easy | PIQA |")
@@ -241,11 +265,17 @@ def main() -> None:
     ap.add_argument("--calib-windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--refine", type=int, default=1)
-    ap.add_argument("--task-items", type=int, default=500)
+    ap.add_argument("--task-items", type=int, default=500, help="0: no zero-shot tasks")
     ap.add_argument("--tasks-at", type=float, default=0.5)
     ap.add_argument("--out", default="bench/results/sparsity_sweep")
+    ap.add_argument("--positions", default="all", choices=["all", "last-half"])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.report_only:
         report(args, Cells(Path(args.out) / "cells.json"))
     else:

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from actlab.transforms.sparsity.masking import SparsityMeter
 
 SEQ = 96
 FAST = {"teal": {"tokens": 96, "step": 0.1}}
+MLP_ONLY = ("cats", "coreinfer")
 
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2"])
@@ -40,10 +42,40 @@ def _hooks_left(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
+def reference_core(a, rule, prompt):
+    """CoreInfer's sentence core per row, by plain sorting: count of token-core memberships, then mean |a|."""
+    n = a.shape[-1]
+    k_token, k_keep = max(1, round(rule.alpha * n)), round(rule.keep * n)
+    keep = torch.zeros(a.shape[0], 1, n)
+    for b in range(a.shape[0]):
+        score = a[b, :prompt].abs()
+        counts = [0] * n
+        for row in score.tolist():
+            for i in sorted(range(n), key=lambda i: -row[i])[:k_token]:
+                counts[i] += 1
+        mean = score.mean(0).tolist()
+        for i in sorted(range(n), key=lambda i: (-counts[i], -mean[i]))[:k_keep]:
+            keep[b, 0, i] = 1.0
+    return keep
+
+
+def reference_lowrank(weight, rank):
+    u, s, vt = np.linalg.svd(weight.double().numpy(), full_matrices=False)
+    return torch.from_numpy((u[:, :rank] * s[:rank]) @ vt[:rank]).float()
+
+
 def reference_masks(lm, recipe):
     """An independent implementation of the rule semantics in base.py's docstring, as plain hooks."""
     layers = lm.adapter.layers
     stack = contextlib.ExitStack()
+    stash = {}
+
+    def core_mask(out, rule):
+        t = out.shape[-2]
+        prompt = t - t // 2 if recipe.positions == "last-half" else t
+        keep = reference_core(out, rule, prompt).expand_as(out).clone()
+        keep[:, :prompt] = 1.0
+        return out * keep
 
     def mask_of(x, rule):
         score = x.abs() * (torch.tensor(rule.scale) if rule.scale is not None else 1.0)
@@ -57,15 +89,27 @@ def reference_masks(lm, recipe):
             cutoff = score.mean(-1, keepdim=True) + rule.z * score.std(-1, keepdim=True)
         return (score > cutoff).to(x.dtype)
 
+    def mask_input(x, rule, key):
+        keep = mask_of(x, rule)
+        stash[key] = x * (1 - keep)
+        return (x * keep,)
+
     for key, rule in recipe.rules.items():
         layer, role = key[1:].split(".")
         view = layers[int(layer)]
-        if rule.source == "act":
+        if rule.kind == "core":
+            h = view.act_fn.register_forward_hook(lambda m, a, out, r=rule: core_mask(out, r))
+        elif rule.source == "act":
             h = view.act_fn.register_forward_hook(lambda m, a, out, r=rule: out * mask_of(out, r))
         else:
             h = view.linears[role].module.register_forward_pre_hook(
-                lambda m, args, r=rule: (args[0] * mask_of(args[0], r),))
+                lambda m, args, r=rule, k=key: mask_input(args[0], r, k))
         stack.callback(h.remove)
+        if rule.rank:
+            w_r = reference_lowrank(view.linears[role].weight().detach(), rule.rank)
+            h = view.linears[role].module.register_forward_hook(
+                lambda m, a, out, k=key, w=w_r: out + stash[k] @ w.T)
+            stack.callback(h.remove)
     return stack
 
 
@@ -83,7 +127,7 @@ def test_zero_sparsity_is_dense(setup, method):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_sparse_forward_equals_masked_reference(setup, method):
     lm, calib, ids = setup
-    target = 0.3 if method == "cats" else 0.5
+    target = 0.3 if method in MLP_ONLY else 0.5
     recipe = calibrate(method, calib, target, **FAST.get(method, {}))
     with torch.no_grad():
         with attach(lm, recipe):
@@ -99,7 +143,7 @@ def test_sparse_forward_equals_masked_reference(setup, method):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_achieved_sparsity_on_calibration_data(setup, method):
     lm, calib, _ = setup
-    for target in ((0.15, 0.3) if method == "cats" else (0.25, 0.45)):  # CATS reaches only the MLP
+    for target in ((0.15, 0.3) if method in MLP_ONLY else (0.25, 0.45)):  # CATS, CoreInfer reach only the MLP
         recipe = calibrate(method, calib, target, **FAST.get(method, {}))
         meter = SparsityMeter()
         with attach(lm, recipe, meter), torch.no_grad():
@@ -136,7 +180,7 @@ def test_meter_matches_zeros_counted_independently(setup):
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
-@pytest.mark.parametrize("method", ["loss-aware", "chess", "stat-topk", "wina"])
+@pytest.mark.parametrize("method", ["loss-aware", "chess", "stat-topk", "wina", "rsparse", "coreinfer"])
 def test_recipe_roundtrip_reproduces_outputs(setup, tmp_path, method, suffix):
     lm, calib, ids = setup
     recipe = calibrate(method, calib, 0.4)
@@ -277,6 +321,7 @@ def test_teal_greedy_table_is_monotone(setup):
 @pytest.mark.parametrize("args,message", [
     (["--method", "teal", "--sparsity", "1.5"], "sparsity must be in [0, 1)"),
     (["--method", "nope", "--sparsity", "0.5"], "unknown sparsity method 'nope'"),
+    (["--method", "coreinfer", "--sparsity", "0.5"], "use --positions last-half"),
 ])
 def test_cli_rejects_bad_input_before_loading(args, message):
     import subprocess
@@ -285,3 +330,63 @@ def test_cli_rejects_bad_input_before_loading(args, message):
     out = subprocess.run([sys.executable, "-m", "actlab.cli", "sparsify", "--model", "no/such-model", *args],
                          capture_output=True, text=True)
     assert out.returncode == 2 and message in out.stderr  # the bad model name is never reached
+
+
+def test_rsparse_lowrank_path_reduces_error_and_is_charged(setup):
+    """The rank-r path must bring the output closer to dense than dropping the same channels, and the
+    weights it reads must be charged to the budget: effective = sum params * (dropped - r(in+out)/(in out))."""
+    lm, calib, ids = setup
+    recipe = calibrate("rsparse", calib, 0.5, rank_fractions=(0.125,), refine=0)
+    assert all(rule.rank > 0 for rule in recipe.rules.values())
+    no_rank = copy.deepcopy(recipe)
+    for rule in no_rank.rules.values():
+        rule.rank = 0
+    with torch.no_grad():
+        dense = lm.model(ids).logits
+        with attach(lm, recipe) as meter:
+            with_rank = lm.model(ids).logits
+        with attach(lm, no_rank):
+            dropped_only = lm.model(ids).logits
+    assert (with_rank - dense).norm() < (dropped_only - dense).norm()
+    params = projection_params(lm.adapter)
+    expect = 0.0
+    for key, frac in meter.dropped().items():
+        layer, role = key[1:].split(".")
+        lin = lm.adapter.layers[int(layer)].linears[role]
+        rank = recipe.rules[key].rank
+        expect += params[key] * (frac - rank * (lin.in_features + lin.out_features) / lin.num_params)
+    assert meter.effective(lm, recipe) == pytest.approx(expect / sum(params.values()))
+
+
+def test_coreinfer_decoding_uses_the_prompt_core(setup):
+    """Prompt once, then one token at a time with the KV cache: every decoded token's logits equal a full
+    forward in which the second half is masked with the core chosen from the first half."""
+    lm, calib, ids = setup
+    recipe = calibrate("coreinfer", calib, 0.3)
+    decoding = copy.deepcopy(recipe)
+    decoding.positions = "all"  # a multi-token call is all prompt; later calls use its core
+    prompt = SEQ - SEQ // 2
+    with torch.no_grad():
+        with reference_masks(lm, recipe):
+            reference = lm.model(ids).logits[:, prompt:]
+        steps = []
+        with attach(lm, decoding) as meter:
+            out = lm.model(ids[:, :prompt], use_cache=True)
+            past = out.past_key_values
+            for j in range(prompt, SEQ):
+                out = lm.model(ids[:, j : j + 1], past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), reference, rtol=1e-4, atol=1e-4)
+    n = lm.adapter.intermediate_size
+    assert all(frac == pytest.approx(1 - round(recipe.rules[k].keep * n) / n) for k, frac in meter.dropped().items())
+
+
+@pytest.mark.parametrize("method,params", [("rsparse", {"rank_fractions": (0.125,)}), ("coreinfer", {})])
+def test_engine_refuses_rules_it_cannot_run(setup, method, params):
+    from actlab.engine.decode import DecodeEngine
+
+    lm, calib, _ = setup
+    recipe = calibrate(method, calib, 0.3, refine=0, **params)
+    with pytest.raises(ConfigError, match="decode engine"):
+        DecodeEngine(lm, recipe)

@@ -87,6 +87,11 @@ class DecodeEngine:
             raise ConfigError("the decode engine's kernels are CPU kernels; load the model on the CPU")
         if recipe is not None:
             recipe.check_model(lm.adapter)
+            for key, rule in recipe.rules.items():
+                if rule.kind == "core" or rule.rank:
+                    raise ConfigError(f"the decode engine runs threshold, top-k and statistical rules; {key} is a "
+                                      f"{'core-neuron' if rule.kind == 'core' else 'low-rank'} rule ({recipe.method}): "
+                                      "evaluate it with actlab.transforms.sparsity.attach instead")
         self.lm, self.recipe = lm, recipe
         ad = lm.adapter
         self.kernels = load_kernels(native)

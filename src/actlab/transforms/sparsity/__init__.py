@@ -7,14 +7,17 @@ from actlab.transforms.sparsity.base import MaskRule, Sparsifier, SparsityRecipe
 from actlab.transforms.sparsity.calibration import CalibrationData
 from actlab.transforms.sparsity.cats import Cats
 from actlab.transforms.sparsity.chess import Chess
+from actlab.transforms.sparsity.coreinfer import CoreInfer
 from actlab.transforms.sparsity.loss_aware import LossAware
 from actlab.transforms.sparsity.magnitude import Magnitude
 from actlab.transforms.sparsity.masking import SparsityMeter, attach
+from actlab.transforms.sparsity.rsparse import RSparse
 from actlab.transforms.sparsity.stat_topk import StatTopK
 from actlab.transforms.sparsity.teal import Teal
 from actlab.transforms.sparsity.wina import Wina
 
-METHODS: dict[str, type[Sparsifier]] = {cls.name: cls for cls in (Teal, Cats, Chess, Wina, StatTopK, Magnitude, LossAware)}
+METHODS: dict[str, type[Sparsifier]] = {cls.name: cls for cls in (Teal, Cats, Chess, Wina, StatTopK, Magnitude, RSparse, CoreInfer,
+                                                                 LossAware)}
 
 
 def get_method(name: str, **params) -> Sparsifier:
@@ -41,8 +44,8 @@ def calibrate(method: str | Sparsifier, calib: CalibrationData, target: float, r
     target = check_target(target)
     recipe = sparsifier.calibrate(calib, target)
     for step in range(refine if target > 0 else 0):
-        if all(rule.kind == "topk" for rule in recipe.rules.values()):
-            break  # exact per-token top-k: nothing to refit
+        if all(rule.kind in ("topk", "core") for rule in recipe.rules.values()):
+            break  # exact per-token (or per-sentence) top-k: nothing to refit
         recipe = sparsifier.calibrate(calib.sparse_view(recipe), target)
         recipe.calibration["refined"] = step + 1
     return recipe

@@ -18,8 +18,13 @@ sparsifies. Every rule keeps channel i of a token when its score beats a cutoff:
     threshold: cutoff = a calibrated constant
     topk:      cutoff = the k-th largest score of the token (k = keep fraction * channels)
     gaussian:  cutoff = mean(score) + z * std(score) over the token's channels (statistical top-k)
+    core:      (CoreInfer, `source="act"`) a fixed set per sequence, chosen at the prompt: the `keep`
+               fraction of neurons most often among each prompt token's top-`alpha` scores
 
-which is what the decode engine's kernels implement too.
+which is what the decode engine's kernels implement too (core and rank > 0 excepted). A rule with
+`rank = r > 0` (R-Sparse) sends the dropped channels through the rank-r SVD approximation of the weight,
+y = W (x * keep) + U_r S_r V_r^T (x * ~keep); the r (in + out) weights it reads count against the budget.
+A core rule skips the gate projection's rows as well, since the set is known before the gate runs.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from actlab.errors import ConfigError
 from actlab.fsutil import atomic_write_text
 from actlab.models.adapter import ModelAdapter
 
-RuleKind = Literal["threshold", "topk", "gaussian"]
+RuleKind = Literal["threshold", "topk", "gaussian", "core"]
 RECIPE_FORMAT = 1
 ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "down")
 
@@ -51,6 +56,8 @@ class MaskRule:
     z: float = 0.0  # gaussian: cutoff = mean + z * std of the token's scores
     scale: list[float] | None = None  # per-channel score multiplier
     source: Literal["input", "act"] = "input"  # "act": computed on act(gate), applied there (skips up rows)
+    rank: int = 0  # R-Sparse: the dropped channels go through a rank-`rank` SVD approximation of W
+    alpha: float = 0.0  # core: fraction of a token's neurons that are its token-wise core
 
     def scale_tensor(self, device=None, dtype=torch.float32) -> torch.Tensor | None:
         return None if self.scale is None else torch.tensor(self.scale, dtype=dtype, device=device)
@@ -151,14 +158,30 @@ def effective_sparsity(dropped: dict[str, float], params: dict[str, int]) -> flo
     return sum(params[k] * dropped.get(k, 0.0) for k in params) / total
 
 
-def dropped_by_rules(rules: dict[str, MaskRule], per_rule: dict[str, float]) -> dict[str, float]:
-    """Expand per-rule dropped fractions to projections: an act-rule on down also skips up's rows."""
+def lowrank_cost(rank: int, shape: tuple[int, int]) -> float:
+    """Weights read by a rank-r factorisation of an [out, in] matrix, as a fraction of the matrix."""
+    out_features, in_features = shape
+    return rank * (in_features + out_features) / (in_features * out_features)
+
+
+def dropped_by_rules(rules: dict[str, MaskRule], per_rule: dict[str, float],
+                     shapes: dict[str, tuple[int, int]] | None = None) -> dict[str, float]:
+    """Expand per-rule dropped fractions to projections: an act-rule on down also skips up's rows (a core
+    rule also the gate's), and a low-rank correction reads back part of what was skipped (`shapes` needed)."""
     out = dict(per_rule)
     for key, rule in rules.items():
         if rule.source == "act" and key.endswith(".down"):
-            up = key[: -len("down")] + "up"
-            out[up] = per_rule[key]
+            prefix = key[: -len("down")]
+            for role in ("up", "gate") if rule.kind == "core" else ("up",):
+                out[prefix + role] = per_rule[key]
+        if rule.rank and key in out:
+            out[key] -= lowrank_cost(rule.rank, shapes[key])
     return out
+
+
+def projection_shapes(adapter: ModelAdapter) -> dict[str, tuple[int, int]]:
+    return {f"L{layer.index}.{role}": (lin.out_features, lin.in_features)
+            for layer in adapter.layers for role, lin in layer.linears.items()}
 
 
 # -- the protocol ----------------------------------------------------------------------------------
@@ -171,6 +194,7 @@ class Sparsifier(ABC):
 
     name: ClassVar[str]
     paper: ClassVar[str]  # one line: the paper it re-derives, or "actlab" for our own
+    needs_prompt: ClassVar[bool] = False  # its masks are chosen at a prompt (perplexity needs "last-half")
 
     @abstractmethod
     def calibrate(self, calib: Any, target: float) -> SparsityRecipe:
@@ -182,10 +206,10 @@ def build_recipe(method: Sparsifier, calib: Any, target: float, rules: dict[str,
     """A recipe with provenance: model identity, calibration data and the predicted per-projection drops."""
     adapter = calib.lm.adapter
     params = projection_params(adapter)
-    expanded = dropped_by_rules(rules, predicted)
+    expanded = dropped_by_rules(rules, predicted, projection_shapes(adapter))
     return SparsityRecipe(
         method=method.name, target=target, model=model_fingerprint(adapter, calib.lm.name), rules=rules,
-        params={k: v for k, v in vars(method).items() if not k.startswith("_")},
+        params=json.loads(json.dumps({k: v for k, v in vars(method).items() if not k.startswith("_")})),  # as saved
         calibration=calib.describe(), predicted={**expanded, "effective": effective_sparsity(expanded, params)},
         **extra)
 

@@ -129,6 +129,11 @@ class CalibrationData:
         self._memo[key] = result
         return result
 
+    def _body(self, ids: torch.Tensor) -> None:
+        """A forward pass without the LM head: statistics passes never need logits, and on a model with a
+        large vocabulary (Gemma's 262k tokens) the head costs more than all the layers."""
+        self.lm.model.base_model(input_ids=ids.to(self.lm.device), use_cache=False)
+
     # -- statistics ------------------------------------------------------------------------------
     def score_histograms(self, scales: dict[str, torch.Tensor | None], source: str = "input",
                          progress: bool = True) -> dict[str, ScoreHistogram]:
@@ -156,7 +161,7 @@ class CalibrationData:
 
         with self._hooks(list(scales), source, observe), torch.no_grad():
             for w in track(self.windows, total=len(self.windows), description="calibrating", enabled=progress):
-                self.lm.model(input_ids=w[None].to(self.lm.device), use_cache=False)
+                self._body(w[None])
         out = {f"{k}|counts": hist[k] for k in scales}
         out.update({f"{k}|zeros": torch.tensor(zeros[k]) for k in scales})
         return out
@@ -195,7 +200,7 @@ class CalibrationData:
 
             with self._hooks(keys, "input", observe), torch.no_grad():
                 for w in track(self.windows, total=len(self.windows), description="calibrating", enabled=progress):
-                    self.lm.model(input_ids=w[None].to(self.lm.device), use_cache=False)
+                    self._body(w[None])
             return counts
 
         raw = self._cached("zhist", keys, compute)
@@ -251,6 +256,20 @@ class CalibrationData:
                 count += ids.shape[1]
         return {k: (v / count).sqrt().float() for k, v in sums.items()}
 
+    def input_samples(self, keys: list[str], tokens: int = 512) -> dict[str, torch.Tensor]:
+        """Each projection's input [tokens, in] on the first `tokens` calibration tokens (under `self.under`,
+        before its masks)."""
+        seq = min(tokens, self.windows.shape[1])
+        rows = -(-tokens // seq)
+        got: dict[str, torch.Tensor] = {}
+
+        def observe(key, x):
+            got[key] = x.detach().reshape(-1, x.shape[-1]).float().clone()
+
+        with self._hooks(keys, "input", observe), torch.no_grad():
+            self._body(self.windows[:rows, :seq])
+        return got
+
     def layer_replay(self, tokens: int = 512) -> list[tuple[tuple, dict]]:
         """Each decoder layer's exact call (args, kwargs) on the first `tokens` calibration tokens."""
         seq = min(tokens, self.windows.shape[1])
@@ -267,7 +286,7 @@ class CalibrationData:
                    for layer in self.lm.adapter.layers]
         try:
             with torch.no_grad():
-                self.lm.model(input_ids=ids, use_cache=False)
+                self._body(ids)
         finally:
             for h in handles:
                 h.remove()

@@ -29,8 +29,9 @@ def sparsify(model: str, *, method: str | None, sparsity: float | None, calib: s
         raise ConfigError("--positions must be all or last-half")
     if sparsity is not None:
         check_target(sparsity)  # before minutes of model loading
-    if method is not None:
-        get_method(method)
+    if method is not None and get_method(method).needs_prompt and positions == "all":
+        raise ConfigError(f"{method} chooses its neurons at a prompt, and under --positions all every evaluation "
+                          "window is all prompt (dense): use --positions last-half")
     lm, corpus, eval_windows = _model_and_eval_windows(model, eval_data, seq_len, windows, log)
     if recipe_path is not None:
         recipe = SparsityRecipe.load(recipe_path)
