@@ -292,7 +292,7 @@ def test_input_gradients_match_autograd(setup):
 
 def test_loss_aware_uses_one_threshold_on_scaled_scores(setup):
     lm, calib, _ = setup
-    recipe = calibrate("loss-aware", calib, 0.4, refine=0)
+    recipe = calibrate("loss-aware", calib, 0.4, refine=0, sensitivity="mean-square", rule="threshold")
     thresholds = {rule.threshold for rule in recipe.rules.values()}
     assert len(thresholds) == 1
     grads = calib.input_grad_rms(8)
@@ -390,3 +390,56 @@ def test_engine_refuses_rules_it_cannot_run(setup, method, params):
     recipe = calibrate(method, calib, 0.3, refine=0, **params)
     with pytest.raises(ConfigError, match="decode engine"):
         DecodeEngine(lm, recipe)
+
+
+def test_loss_aware_picks_the_candidate_with_the_lowest_calibration_loss(setup):
+    lm, calib, _ = setup
+    held = calib.windows[-2:]
+
+    def loss_with(recipe):  # independent of loss_aware.calibration_loss: summed NLL / tokens
+        total, count = 0.0, 0
+        with attach(lm, recipe), torch.no_grad():
+            for w in held:
+                logits = lm.model(w[None]).logits[0, :-1]
+                total += float(F.cross_entropy(logits, w[1:], reduction="sum"))
+                count += len(w) - 1
+        return total / count
+
+    chosen = calibrate("loss-aware", calib, 0.5, refine=0)
+    forced = {(s, r): calibrate("loss-aware", calib, 0.5, refine=0, sensitivity=s, rule=r)
+              for s in ("mean-square", "typical") for r in ("threshold", "topk")}
+    losses = {k: loss_with(v) for k, v in forced.items()}
+    best = min(losses, key=losses.get)
+    assert (chosen.calibration["choice"]["sensitivity"], chosen.calibration["choice"]["rule"]) == best
+    assert chosen.to_dict()["rules"] == forced[best].to_dict()["rules"]
+    assert len(set(losses.values())) > 1  # the candidates really differ
+
+
+def test_typical_gradient_is_not_owned_by_one_token(setup):
+    """robust=True against a brute-force recomputation: mean over tokens of each token's squared gradient
+    normalised to unit sum, times the median token's squared gradient norm."""
+    lm, calib, _ = setup
+    plain = calib._collect_grad_rms(calib.windows[:2], progress=False)
+    typical = calib._collect_grad_rms(calib.windows[:2], progress=False, robust=True)
+    key = next(iter(plain))
+    assert plain[key].shape == typical[key].shape
+    grads = []
+    layer, role = key[1:].split(".")
+    view = lm.adapter.layers[int(layer)].linears[role]
+
+    def keep(_m, _a, out):
+        out.register_hook(lambda g: grads.append((g.detach().reshape(-1, g.shape[-1]) @ view.weight()).double()))
+
+    h = view.module.register_forward_hook(keep)
+    e = lm.adapter.embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    try:
+        for w in calib.windows[:2]:
+            logits = lm.model(w[None]).logits
+            F.cross_entropy(logits[0, :-1], w[1:]).backward()
+    finally:
+        h.remove()
+        e.remove()
+    g = torch.cat(grads)
+    energy = g.pow(2).sum(-1)
+    expect = ((g.pow(2) / energy.clamp_min(1e-300)[:, None]).mean(0) * energy.median()).sqrt().float()
+    torch.testing.assert_close(typical[key], expect, rtol=1e-4, atol=1e-9)

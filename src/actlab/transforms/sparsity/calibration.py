@@ -220,12 +220,19 @@ class CalibrationData:
         raw = self._cached("meansq", kind, compute)
         return {int(k.split(".")[0][1:]): v for k, v in raw.items()}
 
-    def input_grad_rms(self, windows: int | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
-        """Per projection input channel: sqrt(E[(dL/dx_i)^2]), L = mean next-token loss of a window."""
-        use = self.windows if windows is None else self.windows[:windows]
-        return self._cached("gradrms", int(len(use)), lambda: self._collect_grad_rms(use, progress))
+    def input_grad_rms(self, windows: int | None = None, progress: bool = True,
+                       robust: bool = False) -> dict[str, torch.Tensor]:
+        """Per projection input channel: sqrt(E[(dL/dx_i)^2]), L = mean next-token loss of a window.
 
-    def _collect_grad_rms(self, windows: torch.Tensor, progress: bool) -> dict[str, torch.Tensor]:
+        `robust=True`: a typical token's gradient instead of the mean square, which a few tokens can own
+        (on Gemma-3 the attention-sink token carries over 90% of the gradient energy of many projections):
+        each token's squared gradient is normalised to unit sum, averaged over tokens, and rescaled by the
+        median over tokens of the squared gradient norm."""
+        use = self.windows if windows is None else self.windows[:windows]
+        what = "gradtypical" if robust else "gradrms"
+        return self._cached(what, int(len(use)), lambda: self._collect_grad_rms(use, progress, robust))
+
+    def _collect_grad_rms(self, windows: torch.Tensor, progress: bool, robust: bool = False) -> dict[str, torch.Tensor]:
         """Gradient with respect to each projection's input *through that projection only*:
         W^T dL/dy from the output gradient (q, k and v share one input tensor, whose own gradient
         would mix the three paths)."""
@@ -233,16 +240,24 @@ class CalibrationData:
 
         lm = self.lm
         sums: dict[str, torch.Tensor] = {}
+        norms: dict[str, list[torch.Tensor]] = {}
         count = 0
         views = {f"L{layer.index}.{role}": lin for layer in lm.adapter.layers for role, lin in layer.linears.items()}
+
+        def accumulate(key: str, grad_x: torch.Tensor) -> None:
+            sq = grad_x.double().pow(2)
+            if robust:
+                energy = sq.sum(-1, keepdim=True)
+                norms.setdefault(key, []).append(energy.flatten().float())
+                sq = sq / energy.clamp_min(1e-300)
+            sums[key] = sums.get(key, 0) + sq.sum(0)
 
         def watch(key: str):
             weight = views[key].weight()
 
             def hook(_m, _a, out):
                 if out.requires_grad:
-                    out.register_hook(lambda g: sums.__setitem__(
-                        key, sums.get(key, 0) + (g.detach().reshape(-1, g.shape[-1]) @ weight).double().pow(2).sum(0)))
+                    out.register_hook(lambda g: accumulate(key, g.detach().reshape(-1, g.shape[-1]) @ weight))
             return hook
 
         with contextlib.ExitStack() as stack:
@@ -254,6 +269,8 @@ class CalibrationData:
                 logits = lm.model(input_ids=ids, use_cache=False).logits
                 F.cross_entropy(logits[0, :-1].float(), ids[0, 1:]).backward()
                 count += ids.shape[1]
+        if robust:
+            return {k: (v / count * torch.cat(norms[k]).median().double()).sqrt().float() for k, v in sums.items()}
         return {k: (v / count).sqrt().float() for k, v in sums.items()}
 
     def input_samples(self, keys: list[str], tokens: int = 512) -> dict[str, torch.Tensor]:

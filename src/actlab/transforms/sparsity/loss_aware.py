@@ -16,8 +16,13 @@ block-local allocation) and WINA (||W[:, i]||, blind to what happens downstream)
 every downstream layer's sensitivity, so the budget flows to the layers and channels where dropping
 costs the least loss.
 
-Options: `compensate` adds to each projection's output the calibration mean of the dropped
-contribution, W_l E[x * (1 - keep)] (a bias, free at decode time).
+Two choices the derivation leaves open are settled per model by the measured calibration loss:
+- the sensitivity estimate: the plain mean square of the gradient, or a typical token's (a few tokens, the
+  attention sinks, can own the mean square: on Gemma-3 over 90% of many projections' gradient energy);
+- the rule: the shared threshold tau, or per-token top-k at the fraction tau allocates to each projection
+  (a per-token cutoff follows tokens whose activations are uniformly larger or smaller).
+Each of the (up to) four candidate recipes is scored by the next-token loss on `select_windows`
+calibration windows with it attached; the lowest wins and is recorded in the recipe.
 """
 
 from __future__ import annotations
@@ -26,28 +31,77 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from actlab.errors import ConfigError
 from actlab.transforms.sparsity.allocation import global_threshold
-from actlab.transforms.sparsity.base import MaskRule, Sparsifier, build_recipe, projection_keys, projection_params
+from actlab.transforms.sparsity.base import (MaskRule, Sparsifier, SparsityRecipe, build_recipe, projection_keys,
+                                             projection_params)
+
+SENSITIVITIES = ("mean-square", "typical")
+RULES = ("threshold", "topk")
+
+
+def calibration_loss(calib, recipe: SparsityRecipe, windows: torch.Tensor) -> float:
+    """Mean next-token loss on `windows` with `recipe` attached."""
+    from actlab.transforms.sparsity.masking import attach
+
+    lm = calib.lm
+    total = 0.0
+    with attach(lm, recipe), torch.no_grad():
+        for w in windows:
+            logits = lm.model(input_ids=w[None].to(lm.device), use_cache=False).logits
+            total += float(F.cross_entropy(logits[0, :-1].float(), w[1:].to(lm.device)))
+    return total / len(windows)
 
 
 @dataclass
 class LossAware(Sparsifier):
     grad_windows: int = 8
+    sensitivity: str = "auto"  # "mean-square" | "typical" | "auto"
+    rule: str = "auto"  # "threshold" | "topk" | "auto"
+    select_windows: int = 2  # calibration windows scoring the candidates (the last ones)
     name = "loss-aware"
-    paper = "actlab: score |x_i|*RMS(dL/dx_i)/sqrt(fan-out), one global threshold over every layer and projection"
+    paper = ("actlab: score |x_i|*RMS(dL/dx_i)/sqrt(fan-out), one global threshold over every layer and projection "
+             "(or per-token top-k at its allocation), variant chosen by calibration loss")
 
-    def scales(self, calib) -> dict[str, torch.Tensor]:
+    def __post_init__(self):
+        if self.sensitivity not in (*SENSITIVITIES, "auto") or self.rule not in (*RULES, "auto"):
+            raise ConfigError(f"loss-aware: sensitivity must be one of {SENSITIVITIES} or auto, rule one of {RULES} "
+                              "or auto")
+
+    def scales(self, calib, sensitivity: str = "mean-square") -> dict[str, torch.Tensor]:
         adapter = calib.lm.adapter
-        grads = calib.input_grad_rms(self.grad_windows)
+        grads = calib.input_grad_rms(self.grad_windows, robust=sensitivity == "typical")
         outs = {f"L{layer.index}.{role}": lin.out_features for layer in adapter.layers
                 for role, lin in layer.linears.items()}
         return {k: grads[k] / math.sqrt(outs[k]) for k in projection_keys(adapter)}
 
-    def calibrate(self, calib, target):
-        adapter = calib.lm.adapter
-        scales = self.scales(calib)
+    def candidate(self, calib, target: float, sensitivity: str, rule: str) -> SparsityRecipe:
+        scales = self.scales(calib, sensitivity)
         hists = calib.score_histograms(scales)
-        t = global_threshold(hists, projection_params(adapter), target)
-        rules = {k: MaskRule(threshold=t, scale=scales[k].tolist()) for k in scales}
-        return build_recipe(self, calib, target, rules, {k: hists[k].dropped_at(t) for k in scales})
+        t = global_threshold(hists, projection_params(calib.lm.adapter), target)
+        dropped = {k: hists[k].dropped_at(t) for k in scales}
+        if rule == "topk":
+            rules = {k: MaskRule(kind="topk", keep=1.0 - dropped[k], scale=scales[k].tolist()) for k in scales}
+        else:
+            rules = {k: MaskRule(threshold=t, scale=scales[k].tolist()) for k in scales}
+        recipe = build_recipe(self, calib, target, rules, dropped)
+        recipe.calibration["choice"] = {"sensitivity": sensitivity, "rule": rule}
+        return recipe
+
+    def calibrate(self, calib, target):
+        chosen = calib.under.calibration.get("choice") if calib.under is not None else None
+        if chosen is not None:  # a refinement step keeps the variant chosen before it
+            return self.candidate(calib, target, chosen["sensitivity"], chosen["rule"])
+        options = [(s, r) for s in (SENSITIVITIES if self.sensitivity == "auto" else (self.sensitivity,))
+                   for r in (RULES if self.rule == "auto" else (self.rule,))]
+        candidates = {option: self.candidate(calib, target, *option) for option in options}
+        if len(candidates) == 1 or target == 0:
+            return candidates[options[0]]
+        held = calib.windows[-self.select_windows:]
+        losses = {option: calibration_loss(calib, recipe, held) for option, recipe in candidates.items()}
+        best = min(losses, key=losses.get)
+        recipe = candidates[best]
+        recipe.calibration["selection_loss"] = {f"{s}/{r}": v for (s, r), v in losses.items()}
+        return recipe
