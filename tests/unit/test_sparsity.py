@@ -378,6 +378,9 @@ def test_coreinfer_decoding_uses_the_prompt_core(setup):
                 past = out.past_key_values
                 steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), reference, rtol=1e-4, atol=1e-4)
+    with attach(lm, decoding) as prompt_only, torch.no_grad():
+        lm.model(ids)  # all prompt: nothing sparsified, nothing counted
+    assert prompt_only.dropped() == {} and prompt_only.effective(lm, decoding) == 0.0
     n = lm.adapter.intermediate_size
     assert all(frac == pytest.approx(1 - round(recipe.rules[k].keep * n) / n) for k, frac in meter.dropped().items())
 

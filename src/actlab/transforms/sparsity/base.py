@@ -170,7 +170,7 @@ def dropped_by_rules(rules: dict[str, MaskRule], per_rule: dict[str, float],
     rule also the gate's), and a low-rank correction reads back part of what was skipped (`shapes` needed)."""
     out = dict(per_rule)
     for key, rule in rules.items():
-        if rule.source == "act" and key.endswith(".down"):
+        if rule.source == "act" and key.endswith(".down") and key in per_rule:  # a core rule before any prompt: none
             prefix = key[: -len("down")]
             for role in ("up", "gate") if rule.kind == "core" else ("up",):
                 out[prefix + role] = per_rule[key]
