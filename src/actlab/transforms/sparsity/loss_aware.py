@@ -31,7 +31,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from actlab.errors import ConfigError
 from actlab.transforms.sparsity.allocation import global_threshold
@@ -44,15 +43,11 @@ RULES = ("threshold", "topk")
 
 def calibration_loss(calib, recipe: SparsityRecipe, windows: torch.Tensor) -> float:
     """Mean next-token loss on `windows` with `recipe` attached."""
+    from actlab.eval.perplexity import perplexity
     from actlab.transforms.sparsity.masking import attach
 
-    lm = calib.lm
-    total = 0.0
-    with attach(lm, recipe), torch.no_grad():
-        for w in windows:
-            logits = lm.model(input_ids=w[None].to(lm.device), use_cache=False).logits
-            total += float(F.cross_entropy(logits[0, :-1].float(), w[1:].to(lm.device)))
-    return total / len(windows)
+    with attach(calib.lm, recipe):
+        return perplexity(calib.lm, windows, batch_size=1, progress=False).nll
 
 
 @dataclass
