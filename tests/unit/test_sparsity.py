@@ -14,7 +14,8 @@ import torch.nn.functional as F
 import actlab
 from actlab.errors import ConfigError
 from actlab.transforms.sparsity import METHODS, CalibrationData, SparsityRecipe, attach, calibrate
-from actlab.transforms.sparsity.base import dropped_by_rules, effective_sparsity, projection_params
+from actlab.transforms.sparsity.base import (dropped_by_rules, effective_sparsity, projection_params, projection_view,
+                                             split_key)
 from actlab.transforms.sparsity.masking import SparsityMeter
 
 SEQ = 96
@@ -95,8 +96,8 @@ def reference_masks(lm, recipe):
         return (x * keep,)
 
     for key, rule in recipe.rules.items():
-        layer, role = key[1:].split(".")
-        view = layers[int(layer)]
+        layer, role = split_key(key)
+        view = layers[layer]
         if rule.kind == "core":
             h = view.act_fn.register_forward_hook(lambda m, a, out, r=rule: core_mask(out, r))
         elif rule.source == "act":
@@ -167,8 +168,7 @@ def test_meter_matches_zeros_counted_independently(setup):
     meter = SparsityMeter()
     with attach(lm, recipe, meter), contextlib.ExitStack() as stack:
         for key in recipe.rules:
-            layer, role = key[1:].split(".")
-            module = lm.adapter.layers[int(layer)].linears[role].module
+            module = projection_view(lm.adapter, key).module
             stack.callback(module.register_forward_pre_hook(count(key)).remove)
         with torch.no_grad():
             lm.model(ids)
@@ -297,8 +297,7 @@ def test_loss_aware_uses_one_threshold_on_scaled_scores(setup):
     assert len(thresholds) == 1
     grads = calib.input_grad_rms(8)
     for key, rule in recipe.rules.items():
-        layer, role = key[1:].split(".")
-        out = lm.adapter.layers[int(layer)].linears[role].out_features
+        out = projection_view(lm.adapter, key).out_features
         torch.testing.assert_close(torch.tensor(rule.scale), grads[key] / math.sqrt(out))
 
 
@@ -351,8 +350,7 @@ def test_rsparse_lowrank_path_reduces_error_and_is_charged(setup):
     params = projection_params(lm.adapter)
     expect = 0.0
     for key, frac in meter.dropped().items():
-        layer, role = key[1:].split(".")
-        lin = lm.adapter.layers[int(layer)].linears[role]
+        lin = projection_view(lm.adapter, key)
         rank = recipe.rules[key].rank
         expect += params[key] * (frac - rank * (lin.in_features + lin.out_features) / lin.num_params)
     assert meter.effective(lm, recipe) == pytest.approx(expect / sum(params.values()))
@@ -427,8 +425,7 @@ def test_typical_gradient_is_not_owned_by_one_token(setup):
     key = next(iter(plain))
     assert plain[key].shape == typical[key].shape
     grads = []
-    layer, role = key[1:].split(".")
-    view = lm.adapter.layers[int(layer)].linears[role]
+    view = projection_view(lm.adapter, key)
 
     def keep(_m, _a, out):
         out.register_hook(lambda g: grads.append((g.detach().reshape(-1, g.shape[-1]) @ view.weight()).double()))

@@ -59,11 +59,17 @@ def loglikelihoods(lm: LoadedModel, requests: list[tuple[list[int], int]], progr
             seq = requests[i][0]
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits.float()
+        # Only positions that predict a continuation token need the LM head (on Gemma's 262k vocabulary the
+        # head and its log-softmax cost more than the layers): keep the span they cover in this batch.
+        first = min(len(requests[i][0]) - requests[i][1] - 1 for i in batch)
+        last = max(len(requests[i][0]) - 1 for i in batch)
+        keep = torch.arange(first, last, device=lm.device)
+        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
+                          logits_to_keep=keep).logits.float()
         logprobs = F.log_softmax(logits, dim=-1)
         for row, i in enumerate(batch):
             seq, n = requests[i]
-            positions = torch.arange(len(seq) - n - 1, len(seq) - 1)
+            positions = torch.arange(len(seq) - n - 1, len(seq) - 1) - first
             targets = torch.tensor(seq[len(seq) - n :])
             out[i] = float(logprobs[row, positions, targets].sum())
     return out

@@ -216,3 +216,15 @@ def build_recipe(method: Sparsifier, calib: Any, target: float, rules: dict[str,
 
 def projection_keys(adapter: ModelAdapter, roles: tuple[str, ...] = ROLES) -> list[str]:
     return [f"L{layer.index}.{role}" for layer in adapter.layers for role in layer.linears if role in roles]
+
+
+def split_key(key: str) -> tuple[int, str]:
+    """"L3.down" -> (3, "down"): the layer index and role a projection key names."""
+    layer, role = key[1:].split(".")
+    return int(layer), role
+
+
+def projection_view(adapter: ModelAdapter, key: str):
+    """The adapter's view (module, weight, shape) of the projection `key` names."""
+    layer, role = split_key(key)
+    return adapter.layers[layer].linears[role]

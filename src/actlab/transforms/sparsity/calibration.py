@@ -28,7 +28,7 @@ from actlab.models.cache import cache_root
 from actlab.models.loader import LoadedModel
 from actlab.probe.stats.histogram import NUM_BINS, fraction_below, histogram_of, quantile
 from actlab.progress import track
-from actlab.transforms.sparsity.base import model_fingerprint
+from actlab.transforms.sparsity.base import model_fingerprint, split_key
 
 MIN_CALIBRATION_TOKENS = 512
 Z_EDGES = np.linspace(-8.0, 40.0, 9601)  # 0.005 wide bins for standardised scores
@@ -175,8 +175,8 @@ class CalibrationData:
         stack = contextlib.ExitStack()
         layers = self.lm.adapter.layers
         for key in keys:
-            layer_index, role = key[1:].split(".")
-            layer = layers[int(layer_index)]
+            layer_index, role = split_key(key)
+            layer = layers[layer_index]
             if source == "act":
                 h = layer.act_fn.register_forward_hook(lambda m, a, out, k=key: observe(k, out))
             else:
@@ -218,7 +218,7 @@ class CalibrationData:
             return {key: dist.channel_summary(key)["mean_sq"] for key in dist.acc}
 
         raw = self._cached("meansq", kind, compute)
-        return {int(k.split(".")[0][1:]): v for k, v in raw.items()}
+        return {split_key(k)[0]: v for k, v in raw.items()}
 
     def input_grad_rms(self, windows: int | None = None, progress: bool = True,
                        robust: bool = False) -> dict[str, torch.Tensor]:

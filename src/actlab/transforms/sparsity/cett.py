@@ -24,7 +24,7 @@ import torch
 
 from actlab.eval.perplexity import perplexity
 from actlab.progress import track
-from actlab.transforms.sparsity.base import MaskRule, SparsityRecipe, model_fingerprint, projection_params
+from actlab.transforms.sparsity.base import MaskRule, SparsityRecipe, model_fingerprint, projection_params, split_key
 from actlab.transforms.sparsity.harness import evaluate
 
 BISECTION_STEPS = 22
@@ -112,4 +112,4 @@ def sparsity_at_ppl(calib, eval_windows: torch.Tensor, p: float = 1.0, steps: in
             "activation_sparsity": neurons, "effective_sparsity": result.achieved_sparsity,
             "down_share_of_linear_params": sum(v for k, v in params.items() if k.endswith(".down")) / sum(params.values()),
             "per_layer_activation_sparsity": {k: v for k, v in sorted(result.dropped.items(),
-                                                                        key=lambda kv: int(kv[0][1:].split(".")[0]))}}
+                                                                        key=lambda kv: split_key(kv[0])[0])}}

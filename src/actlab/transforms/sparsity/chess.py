@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from actlab.transforms.sparsity.allocation import subset_fraction
-from actlab.transforms.sparsity.base import MaskRule, Sparsifier, build_recipe, projection_keys, projection_params
+from actlab.transforms.sparsity.base import MaskRule, Sparsifier, build_recipe, projection_keys, projection_params, split_key
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Chess(Sparsifier):
         fraction = subset_fraction(target, projection_params(adapter), skipped, self.name)
         gated = adapter.layers[0].gated_mlp
         mean_sq = calib.channel_mean_sq("up") if gated else {}
-        weights = {k: (mean_sq[int(k[1:].split(".")[0])].sqrt().float() if gated else None) for k in downs}
+        weights = {k: (mean_sq[split_key(k)[0]].sqrt().float() if gated else None) for k in downs}
         ffn = calib.score_histograms(weights, source="act")
         att = calib.score_histograms({k: None for k in attn})
         rules = {k: MaskRule(threshold=att[k].threshold_for(fraction)) for k in attn}

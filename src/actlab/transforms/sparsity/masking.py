@@ -15,7 +15,7 @@ import torch
 
 from actlab.models.loader import LoadedModel
 from actlab.transforms.sparsity.base import (MaskRule, SparsityRecipe, dropped_by_rules, effective_sparsity,
-                                             projection_params, projection_shapes)
+                                             projection_params, projection_shapes, projection_view)
 
 
 def keep_mask(x: torch.Tensor, rule: MaskRule, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,6 +81,11 @@ class SparsityMeter:
         return effective_sparsity(dropped, projection_params(lm.adapter))
 
 
+def last_half_start(t: int) -> int:
+    """First position of a t-token window that TEAL's "last-half" protocol sparsifies."""
+    return t - t // 2
+
+
 def _sparsified_positions(x: torch.Tensor, shape: tuple[int, int] | None, recipe: SparsityRecipe,
                           offset: int = 0) -> torch.Tensor | None:
     """A [..., 1] bool selecting the positions a recipe sparsifies, or None for "every position".
@@ -93,7 +98,7 @@ def _sparsified_positions(x: torch.Tensor, shape: tuple[int, int] | None, recipe
     pos = torch.arange(x.numel() // x.shape[-1], device=x.device) % t + offset
     where = pos >= recipe.dense_prefix
     if recipe.positions == "last-half":
-        where &= pos >= t - t // 2
+        where &= pos >= last_half_start(t)
     return where.reshape(*x.shape[:-1], 1)
 
 
@@ -119,7 +124,7 @@ def attach(lm: LoadedModel, recipe: SparsityRecipe, meter: SparsityMeter | None 
         first half under "last-half") and stays dense there; the tokens after it use the core."""
         t = x.shape[-2]
         if t > 1:
-            prompt = t - t // 2 if recipe.positions == "last-half" else t
+            prompt = last_half_start(t) if recipe.positions == "last-half" else t
             cores[key] = sentence_core(x[..., :prompt, :], rule, scale)
             if prompt == t:
                 return x
@@ -181,8 +186,7 @@ def lowrank_factors(lm: LoadedModel, key: str, rank: int) -> tuple[torch.Tensor,
     """(U_r S_r, V_r^T) of projection `key`'s weight, memoised on the adapter (an SVD is not free)."""
     memo = lm.adapter.__dict__.setdefault("_actlab_svd", {})
     if key not in memo:
-        layer, role = key[1:].split(".")
-        w = lm.adapter.layers[int(layer)].linears[role].weight().detach().float()
+        w = projection_view(lm.adapter, key).weight().detach().float()
         u, sv, vt = torch.linalg.svd(w, full_matrices=False)
         memo[key] = (u * sv, vt)
     us, vt = memo[key]

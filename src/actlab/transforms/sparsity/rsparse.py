@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from actlab.transforms.sparsity.base import (MaskRule, Sparsifier, build_recipe, lowrank_cost, projection_keys,
+from actlab.transforms.sparsity.base import (MaskRule, Sparsifier, build_recipe, lowrank_cost, projection_keys, projection_view,
                                              projection_shapes)
 from actlab.transforms.sparsity.masking import lowrank_factors
 
@@ -44,8 +44,7 @@ class RSparse(Sparsifier):
         samples = calib.input_samples(keys, self.sample_tokens)
         rules, predicted = {}, {}
         for key in keys:
-            layer, role = key[1:].split(".")
-            weight = lm.adapter.layers[int(layer)].linears[role].weight().detach().float()
+            weight = projection_view(lm.adapter, key).weight().detach().float()
             best = None
             ranks = sorted({round(f * min(shapes[key])) for f in self.rank_fractions})
             for rank in [r for r in ranks if target + lowrank_cost(r, shapes[key]) < 1.0] or [0]:

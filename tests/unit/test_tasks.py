@@ -1,0 +1,74 @@
+"""Zero-shot scoring against an independent, one-request-at-a-time computation with full logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from actlab.data.tasks import Choice, load_task
+from actlab.errors import CorpusError
+from actlab.eval import tasks as task_eval
+
+from ..conftest import shared_data
+
+
+def reference_loglikelihood(model, ids: list[int], n: int) -> float:
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+    return sum(float(logprobs[p - 1, ids[p]]) for p in range(len(ids) - n, len(ids)))
+
+
+ITEMS = [
+    Choice("Question: What do plants need to grow?\nAnswer:", (" sunlight and water", " darkness", " sand only"), 0),
+    Choice("Question: How do you open a jar?\nAnswer:", (" Twist the lid.", " Freeze it for a year."), 1),
+    Choice("Question: Which is a planet?\nAnswer:", (" Mars", " the Moon", " a comet", " Sirius, a bright star"), 3),
+]
+
+
+def test_loglikelihoods_match_unbatched_full_logits(tiny, monkeypatch):
+    # a tiny batch budget forces several batches with right padding of unequal lengths
+    monkeypatch.setattr(task_eval, "BATCH_TOKENS", 60)
+    requests = [task_eval._encode(tiny.tokenizer, item.context, c) for item in ITEMS for c in item.continuations]
+    assert len({len(ids) for ids, _ in requests}) > 2 and all(n > 0 for _, n in requests)
+    got = task_eval.loglikelihoods(tiny, requests, progress=False)
+    want = [reference_loglikelihood(tiny.model, ids, n) for ids, n in requests]
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
+def test_accuracy_from_independent_scores(tiny):
+    result = task_eval.evaluate_task(tiny, "toy", ITEMS, progress=False)
+    acc = acc_norm = 0
+    for item in ITEMS:
+        scores = [reference_loglikelihood(tiny.model, *task_eval._encode(tiny.tokenizer, item.context, c))
+                  for c in item.continuations]
+        per_char = [s / len(c) for s, c in zip(scores, item.continuations)]
+        acc += scores.index(max(scores)) == item.label
+        acc_norm += per_char.index(max(per_char)) == item.label
+    assert (result.items, result.acc, result.acc_norm) == (3, acc / 3, acc_norm / 3)
+
+
+def test_continuation_tokens_follow_the_context(tiny_llama):
+    ids, n = task_eval._encode(tiny_llama.tokenizer, "Question: a\nAnswer:", " yes")
+    context = tiny_llama.tokenizer("Question: a\nAnswer:")["input_ids"]
+    assert ids[: len(ids) - n] == context and n >= 1
+
+
+def test_load_task_reads_the_shared_files():
+    root = shared_data("tasks")
+    first = json.loads((root / "arc" / "ARC-Easy-Test.jsonl").read_text().splitlines()[0])
+    arc = load_task("arc_easy", 5)
+    assert len(arc) == 5
+    assert arc[0].context == f"Question: {first['question']['stem']}\nAnswer:"
+    assert [c["label"] for c in first["question"]["choices"]][arc[0].label] == first["answerKey"]
+    piqa = load_task("piqa")
+    labels = (root / "piqa" / "valid-labels.lst").read_text().split()
+    assert len(piqa) == len(labels) and all(len(p.continuations) == 2 for p in piqa)
+    assert [p.label for p in piqa[:50]] == [int(x) for x in labels[:50]]
+
+
+def test_unknown_task_is_a_clear_error():
+    shared_data("tasks")
+    with pytest.raises(CorpusError, match="unknown task 'hellaswag'"):
+        load_task("hellaswag")
