@@ -27,13 +27,21 @@ ITEMS = [
 ]
 
 
-def test_loglikelihoods_match_unbatched_full_logits(tiny, monkeypatch):
-    # a tiny batch budget forces several batches with right padding of unequal lengths
-    monkeypatch.setattr(task_eval, "BATCH_TOKENS", 60)
-    requests = [task_eval._encode(tiny.tokenizer, item.context, c) for item in ITEMS for c in item.continuations]
-    assert len({len(ids) for ids, _ in requests}) > 2 and all(n > 0 for _, n in requests)
-    got = task_eval.loglikelihoods(tiny, requests, progress=False)
-    want = [reference_loglikelihood(tiny.model, ids, n) for ids, n in requests]
+def test_choice_scores_match_full_sequences_with_full_logits(tiny):
+    # the context runs once and its KV cache serves every choice; choices of unequal length share a padded batch
+    for item in ITEMS:
+        encoded = [task_eval._encode(tiny.tokenizer, item.context, c) for c in item.continuations]
+        assert len({n for _, n in encoded}) > 1 or len(item.continuations) == 2
+        context = encoded[0][0][: len(encoded[0][0]) - encoded[0][1]]
+        got = task_eval.choice_loglikelihoods(tiny, context, [ids[len(ids) - n :] for ids, n in encoded])
+        want = [reference_loglikelihood(tiny.model, ids, n) for ids, n in encoded]
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
+def test_single_token_choices(tiny_llama):
+    context = tiny_llama.tokenizer("Question: pick one\nAnswer:")["input_ids"]
+    got = task_eval.choice_loglikelihoods(tiny_llama, context, [[5], [17]])
+    want = [reference_loglikelihood(tiny_llama.model, context + [t], 1) for t in (5, 17)]
     assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
 
 

@@ -17,8 +17,6 @@ from actlab.data.tasks import Choice
 from actlab.models.loader import LoadedModel
 from actlab.progress import track
 
-BATCH_TOKENS = 4096
-
 
 @dataclass
 class TaskResult:
@@ -38,58 +36,46 @@ def _encode(tokenizer, context: str, continuation: str) -> tuple[list[int], int]
 
 
 @torch.no_grad()
-def loglikelihoods(lm: LoadedModel, requests: list[tuple[list[int], int]], progress: bool = True) -> list[float]:
-    """Sum of log p(continuation tokens | preceding tokens) for each (ids, continuation length)."""
-    order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
-    out = [0.0] * len(requests)
-    batches, batch = [], []
-    for i in order:
-        if batch and len(requests[batch[0]][0]) * (len(batch) + 1) > BATCH_TOKENS:
-            batches.append(batch)
-            batch = []
-        batch.append(i)
-    if batch:
-        batches.append(batch)
-    pad = lm.tokenizer.pad_token_id or 0
-    for batch in track(batches, total=len(batches), description="scoring", enabled=progress):
-        width = len(requests[batch[0]][0])
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            seq = requests[i][0]
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        # Only positions that predict a continuation token need the LM head (on Gemma's 262k vocabulary the
-        # head and its log-softmax cost more than the layers): keep the span they cover in this batch.
-        first = min(len(requests[i][0]) - requests[i][1] - 1 for i in batch)
-        last = max(len(requests[i][0]) - 1 for i in batch)
-        keep = torch.arange(first, last, device=lm.device)
-        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                          logits_to_keep=keep).logits.float()
-        logprobs = F.log_softmax(logits, dim=-1)
-        for row, i in enumerate(batch):
-            seq, n = requests[i]
-            positions = torch.arange(len(seq) - n - 1, len(seq) - 1) - first
-            targets = torch.tensor(seq[len(seq) - n :])
-            out[i] = float(logprobs[row, positions, targets].sum())
-    return out
+def choice_loglikelihoods(lm: LoadedModel, context: list[int], continuations: list[list[int]]) -> list[float]:
+    """Sum of log p(continuation tokens | context, preceding continuation tokens) for each continuation.
+
+    The shared context runs once; its KV cache is repeated for the choices, which run as one right-padded
+    batch (padding sits after every real token, so causal attention never sees it). Only positions that
+    predict a continuation token go through the LM head (Gemma's 262k-token head costs more than its layers).
+    """
+    device = lm.device
+    out = lm.model(input_ids=torch.tensor([context], device=device), use_cache=True, logits_to_keep=1)
+    first = F.log_softmax(out.logits[0, -1].float(), dim=-1)
+    width = max(len(c) for c in continuations)
+    if width <= 1:
+        return [float(first[c[0]]) if c else 0.0 for c in continuations]
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(len(continuations))
+    ids = torch.zeros((len(continuations), width), dtype=torch.long)
+    for row, c in enumerate(continuations):
+        ids[row, : len(c)] = torch.tensor(c)
+    logits = lm.model(input_ids=ids.to(device), past_key_values=cache, use_cache=True,
+                      logits_to_keep=torch.arange(width - 1, device=device)).logits.float()
+    rest = F.log_softmax(logits, dim=-1).cpu()
+    scores = []
+    for row, c in enumerate(continuations):
+        if not c:
+            scores.append(0.0)
+            continue
+        steps = torch.arange(len(c) - 1)
+        scores.append(float(first[c[0]]) + float(rest[row, steps, torch.tensor(c[1:], dtype=torch.long)].sum()))
+    return scores
 
 
 def evaluate_task(lm: LoadedModel, name: str, items: list[Choice], progress: bool = True) -> TaskResult:
     start = time.perf_counter()
-    requests, owners = [], []
-    for item_index, item in enumerate(items):
-        for cont in item.continuations:
-            requests.append(_encode(lm.tokenizer, item.context, cont))
-            owners.append(item_index)
-    scores = loglikelihoods(lm, requests, progress)
     correct = correct_norm = 0
-    k = 0
-    for item in items:
-        s = scores[k : k + len(item.continuations)]
+    for item in track(items, total=len(items), description=name, enabled=progress):
+        encoded = [_encode(lm.tokenizer, item.context, cont) for cont in item.continuations]
+        context = encoded[0][0][: len(encoded[0][0]) - encoded[0][1]]  # every choice starts with these tokens
+        s = choice_loglikelihoods(lm, context, [ids[len(ids) - n :] for ids, n in encoded])
         norm = [v / len(c) for v, c in zip(s, item.continuations)]
         correct += int(max(range(len(s)), key=s.__getitem__) == item.label)
         correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == item.label)
-        k += len(item.continuations)
     return TaskResult(name, len(items), correct / len(items), correct_norm / len(items),
                       time.perf_counter() - start)
