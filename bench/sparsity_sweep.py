@@ -19,6 +19,7 @@ statistics are cached in the actlab cache. Writes <out>/sweep.md, sweep.json and
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import inspect
 import json
@@ -38,6 +39,7 @@ def parse_method(spec: str) -> tuple[str, dict]:
     return name, params
 
 
+@functools.cache  # read once per process: a file edited mid-run must not relabel cells the old code computes
 def method_version(name: str) -> str:
     from actlab.transforms.sparsity import METHODS
 
@@ -84,6 +86,8 @@ def run(args) -> None:
     out = Path(args.out)
     (out / "recipes").mkdir(parents=True, exist_ok=True)
     cells = Cells(out / "cells.json")
+    for spec in args.methods.split(","):
+        method_version(parse_method(spec)[0])
     levels = [float(x) for x in args.levels.split(",")]
     tasks = {name: load_task(name, args.task_items) for name in ("arc_easy", "piqa")} if args.task_items else {}
 
