@@ -47,6 +47,17 @@ def method_version(name: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:10]
 
 
+# Zero-shot scoring version in the task cells' keys: "kv" = the context once per item, its KV cache shared
+# by the choices (eval/tasks.py since this session). Hard thresholds make sparse models' scores depend on
+# float rounding, so cells of different scoring code are not mixed in one table.
+TASK_SCORING = "kv"
+
+
+def task_key(args, base: str, spec: str) -> str:
+    version = "" if spec == "dense" else method_version(parse_method(spec)[0])
+    return f"{base}|tasks{args.task_items}{TASK_SCORING}|{spec}|{version}|{args.tasks_at}"
+
+
 def cell_prefix(args, model: str) -> str:
     base = f"v{SWEEP_VERSION}|{model}|w{args.windows}|c{args.calib_windows}|L{args.seq_len}|r{args.refine}"
     return base if args.positions == "all" else f"{base}|{args.positions}"
@@ -113,8 +124,7 @@ def run(args) -> None:
             from actlab.transforms.sparsity import SparsityRecipe
 
             for spec in ["dense"] + args.methods.split(","):
-                version = "" if spec == "dense" else method_version(parse_method(spec)[0])
-                key = f"{base}|tasks{args.task_items}|{spec}|{version}|{args.tasks_at}"
+                key = task_key(args, base, spec)
                 if cells.get(key) is not None:
                     continue
                 if spec != "dense" and not recipes[spec].exists():
@@ -174,8 +184,7 @@ def collect(args, cells: Cells) -> dict:
             version = method_version(name)
             m["methods"][spec] = {str(level): cells.get(f"{base}|{spec}|{version}|{level}") for level in levels}
         for spec in ["dense"] + args.methods.split(","):
-            version = "" if spec == "dense" else method_version(parse_method(spec)[0])
-            m["tasks"][spec] = cells.get(f"{base}|tasks{args.task_items}|{spec}|{version}|{args.tasks_at}")
+            m["tasks"][spec] = cells.get(task_key(args, base, spec))
         table["models"][model] = m
     return table
 
