@@ -12,13 +12,15 @@ weight columns skipped per token); every method gets --refine budget-refinement 
 method at --tasks-at.
 
 Resumable: every finished cell is written to <out>/cells.json at once; a rerun skips finished cells. A cell's
-key includes a hash of its method's source file, so changing a method recomputes its rows only. Calibration
+key includes a fingerprint of its method file's code (formatting, comments and docstrings excluded), so
+changing a method recomputes its rows only. Calibration
 statistics are cached in the actlab cache. Writes <out>/sweep.md, sweep.json and sweep.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import hashlib
 import inspect
@@ -39,12 +41,22 @@ def parse_method(spec: str) -> tuple[str, dict]:
     return name, params
 
 
+def code_fingerprint(source: str) -> str:
+    """Hash of a module's code, blind to formatting, comments and docstrings: only what runs relabels cells."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:10]
+
+
 @functools.cache  # read once per process: a file edited mid-run must not relabel cells the old code computes
 def method_version(name: str) -> str:
     from actlab.transforms.sparsity import METHODS
 
-    source = inspect.getsource(inspect.getmodule(METHODS[name]))
-    return hashlib.sha256(source.encode()).hexdigest()[:10]
+    return code_fingerprint(inspect.getsource(inspect.getmodule(METHODS[name])))
 
 
 # Zero-shot scoring version in the task cells' keys: "kv" = the context once per item, its KV cache shared

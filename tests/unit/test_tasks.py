@@ -14,10 +14,11 @@ from actlab.eval import tasks as task_eval
 from ..conftest import shared_data
 
 
-def reference_loglikelihood(model, ids: list[int], n: int) -> float:
+def reference_loglikelihood(model, context: list[int], continuation: list[int]) -> float:
+    ids = context + continuation
     with torch.no_grad():
         logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
-    return sum(float(logprobs[p - 1, ids[p]]) for p in range(len(ids) - n, len(ids)))
+    return sum(float(logprobs[p - 1, ids[p]]) for p in range(len(context), len(ids)))
 
 
 ITEMS = [
@@ -30,18 +31,17 @@ ITEMS = [
 def test_choice_scores_match_full_sequences_with_full_logits(tiny):
     # the context runs once and its KV cache serves every choice; choices of unequal length share a padded batch
     for item in ITEMS:
-        encoded = [task_eval._encode(tiny.tokenizer, item.context, c) for c in item.continuations]
-        assert len({n for _, n in encoded}) > 1 or len(item.continuations) == 2
-        context = encoded[0][0][: len(encoded[0][0]) - encoded[0][1]]
-        got = task_eval.choice_loglikelihoods(tiny, context, [ids[len(ids) - n :] for ids, n in encoded])
-        want = [reference_loglikelihood(tiny.model, ids, n) for ids, n in encoded]
+        context, continuations = task_eval.encode_item(tiny.tokenizer, item)
+        assert len({len(c) for c in continuations}) > 1 or len(continuations) == 2
+        got = task_eval.choice_loglikelihoods(tiny, context, continuations)
+        want = [reference_loglikelihood(tiny.model, context, c) for c in continuations]
         assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
 
 
 def test_single_token_choices(tiny_llama):
     context = tiny_llama.tokenizer("Question: pick one\nAnswer:")["input_ids"]
     got = task_eval.choice_loglikelihoods(tiny_llama, context, [[5], [17]])
-    want = [reference_loglikelihood(tiny_llama.model, context + [t], 1) for t in (5, 17)]
+    want = [reference_loglikelihood(tiny_llama.model, context, [t]) for t in (5, 17)]
     assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
 
 
@@ -49,8 +49,8 @@ def test_accuracy_from_independent_scores(tiny):
     result = task_eval.evaluate_task(tiny, "toy", ITEMS, progress=False)
     acc = acc_norm = 0
     for item in ITEMS:
-        scores = [reference_loglikelihood(tiny.model, *task_eval._encode(tiny.tokenizer, item.context, c))
-                  for c in item.continuations]
+        context, continuations = task_eval.encode_item(tiny.tokenizer, item)
+        scores = [reference_loglikelihood(tiny.model, context, c) for c in continuations]
         per_char = [s / len(c) for s, c in zip(scores, item.continuations)]
         acc += scores.index(max(scores)) == item.label
         acc_norm += per_char.index(max(per_char)) == item.label
@@ -58,9 +58,11 @@ def test_accuracy_from_independent_scores(tiny):
 
 
 def test_continuation_tokens_follow_the_context(tiny_llama):
-    ids, n = task_eval._encode(tiny_llama.tokenizer, "Question: a\nAnswer:", " yes")
-    context = tiny_llama.tokenizer("Question: a\nAnswer:")["input_ids"]
-    assert ids[: len(ids) - n] == context and n >= 1
+    item = Choice("Question: a\nAnswer:", (" yes", " no"), 0)
+    context, continuations = task_eval.encode_item(tiny_llama.tokenizer, item)
+    full = [tiny_llama.tokenizer(item.context + c)["input_ids"] for c in item.continuations]
+    assert context == tiny_llama.tokenizer(item.context)["input_ids"]
+    assert all(f == context + c and c for f, c in zip(full, continuations))
 
 
 def test_load_task_reads_the_shared_files():

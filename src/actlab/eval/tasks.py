@@ -27,12 +27,16 @@ class TaskResult:
     seconds: float
 
 
-def _encode(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
-    ctx = tokenizer(context)["input_ids"]
-    full = tokenizer(context + continuation)["input_ids"]
-    if full[: len(ctx)] != ctx:  # the continuation merged into the context's last token: fall back
-        full = ctx + tokenizer(continuation, add_special_tokens=False)["input_ids"]
-    return full, len(full) - len(ctx)
+def encode_item(tokenizer, item: Choice) -> tuple[list[int], list[list[int]]]:
+    """The context's tokens and each choice's continuation tokens (those after the context's own)."""
+    context = tokenizer(item.context)["input_ids"]
+    continuations = []
+    for text in item.continuations:
+        full = tokenizer(item.context + text)["input_ids"]
+        if full[: len(context)] != context:  # the continuation merged into the context's last token: fall back
+            full = context + tokenizer(text, add_special_tokens=False)["input_ids"]
+        continuations.append(full[len(context):])
+    return context, continuations
 
 
 @torch.no_grad()
@@ -46,9 +50,10 @@ def choice_loglikelihoods(lm: LoadedModel, context: list[int], continuations: li
     device = lm.device
     out = lm.model(input_ids=torch.tensor([context], device=device), use_cache=True, logits_to_keep=1)
     first = F.log_softmax(out.logits[0, -1].float(), dim=-1)
+    scores = [float(first[c[0]]) if c else 0.0 for c in continuations]
     width = max(len(c) for c in continuations)
     if width <= 1:
-        return [float(first[c[0]]) if c else 0.0 for c in continuations]
+        return scores
     cache = out.past_key_values
     cache.batch_repeat_interleave(len(continuations))
     ids = torch.zeros((len(continuations), width), dtype=torch.long)
@@ -57,13 +62,9 @@ def choice_loglikelihoods(lm: LoadedModel, context: list[int], continuations: li
     logits = lm.model(input_ids=ids.to(device), past_key_values=cache, use_cache=True,
                       logits_to_keep=torch.arange(width - 1, device=device)).logits.float()
     rest = F.log_softmax(logits, dim=-1).cpu()
-    scores = []
     for row, c in enumerate(continuations):
-        if not c:
-            scores.append(0.0)
-            continue
-        steps = torch.arange(len(c) - 1)
-        scores.append(float(first[c[0]]) + float(rest[row, steps, torch.tensor(c[1:], dtype=torch.long)].sum()))
+        if len(c) > 1:
+            scores[row] += float(rest[row, torch.arange(len(c) - 1), torch.tensor(c[1:], dtype=torch.long)].sum())
     return scores
 
 
@@ -71,9 +72,7 @@ def evaluate_task(lm: LoadedModel, name: str, items: list[Choice], progress: boo
     start = time.perf_counter()
     correct = correct_norm = 0
     for item in track(items, total=len(items), description=name, enabled=progress):
-        encoded = [_encode(lm.tokenizer, item.context, cont) for cont in item.continuations]
-        context = encoded[0][0][: len(encoded[0][0]) - encoded[0][1]]  # every choice starts with these tokens
-        s = choice_loglikelihoods(lm, context, [ids[len(ids) - n :] for ids, n in encoded])
+        s = choice_loglikelihoods(lm, *encode_item(lm.tokenizer, item))
         norm = [v / len(c) for v, c in zip(s, item.continuations)]
         correct += int(max(range(len(s)), key=s.__getitem__) == item.label)
         correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == item.label)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from actlab.transforms.sparsity.allocation import subset_fraction
-from actlab.transforms.sparsity.base import MaskRule, Sparsifier, build_recipe, projection_keys, projection_params, split_key
+from actlab.transforms.sparsity.base import (MaskRule, Sparsifier, build_recipe, projection_keys, projection_params,
+                                             split_key)
 
 
 @dataclass

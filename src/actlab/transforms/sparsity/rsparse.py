@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from actlab.transforms.sparsity.base import (MaskRule, Sparsifier, build_recipe, lowrank_cost, projection_keys, projection_view,
-                                             projection_shapes)
+from actlab.transforms.sparsity.base import (MaskRule, Sparsifier, build_recipe, lowrank_cost, projection_keys,
+                                             projection_view, projection_shapes)
 from actlab.transforms.sparsity.masking import lowrank_factors
 
 
