@@ -13,8 +13,8 @@ method at --tasks-at.
 
 Resumable: every finished cell is written to <out>/cells.json at once; a rerun skips finished cells. A cell's
 key includes a fingerprint of its method file's code (formatting, comments and docstrings excluded), so
-changing a method recomputes its rows only. Calibration
-statistics are cached in the actlab cache. Writes <out>/sweep.md, sweep.json and sweep.png.
+changing a method recomputes its rows only. Calibration statistics are cached in the actlab cache. Writes
+<out>/sweep.md, sweep.json and sweep.png.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def method_version(name: str) -> str:
 
 
 # Zero-shot scoring version in the task cells' keys: "kv" = the context once per item, its KV cache shared
-# by the choices (eval/tasks.py since this session). Hard thresholds make sparse models' scores depend on
+# by the choices (eval/tasks.py since commit 2005b55). Hard thresholds make sparse models' scores depend on
 # float rounding, so cells of different scoring code are not mixed in one table.
 TASK_SCORING = "kv"
 
