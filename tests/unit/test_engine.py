@@ -148,7 +148,8 @@ def test_dense_engine_equals_generate(tiny_lm):
     assert DecodeEngine(tiny_lm, max_len=128).generate(ids, 48).tokens == hf_generate(tiny_lm, ids, 48)
 
 
-@pytest.mark.parametrize("method,params", [("loss-aware", {}), ("chess", {}), ("wina", {"topk": True}),
+@pytest.mark.parametrize("method,params", [("loss-aware", {}), ("loss-aware", {"rule": "relative"}), ("chess", {}),
+                                           ("wina", {"topk": True}),
                                            ("stat-topk", {}), ("cats", {})])
 def test_sparse_engine_equals_masked_reference(tiny_lm, method, params, tmp_path, monkeypatch):
     monkeypatch.setenv("ACTLAB_CACHE", str(tmp_path))

@@ -86,6 +86,8 @@ def reference_masks(lm, recipe):
             k = round(rule.keep * score.shape[-1])
             ordered = score.sort(dim=-1).values
             cutoff = ordered[..., score.shape[-1] - k - 1 : score.shape[-1] - k]
+        elif rule.kind == "relative":
+            cutoff = rule.threshold * (score.double() ** 2).mean(-1, keepdim=True).sqrt()
         else:
             cutoff = score.mean(-1, keepdim=True) + rule.z * score.std(-1, keepdim=True)
         return (score > cutoff).to(x.dtype)
@@ -152,6 +154,25 @@ def test_achieved_sparsity_on_calibration_data(setup, method):
                 lm.model(w[None])
         achieved = meter.effective(lm, recipe)
         assert abs(achieved - target) <= 0.02, f"{method} at {target}: achieved {achieved:.3f}"
+
+
+@pytest.mark.parametrize("rule", ["threshold", "topk", "relative"])
+def test_loss_aware_rules_mask_as_the_reference_and_meet_the_budget(setup, rule):
+    lm, calib, ids = setup
+    for target in (0.25, 0.45):
+        recipe = calibrate("loss-aware", calib, target, rule=rule)
+        assert {r.kind for r in recipe.rules.values()} == {rule}
+        meter = SparsityMeter()
+        with torch.no_grad():
+            with attach(lm, recipe, meter):
+                ours = lm.model(ids).logits
+                for w in calib.windows[len(ids):]:
+                    lm.model(w[None])
+            with reference_masks(lm, recipe):
+                reference = lm.model(ids).logits
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+        achieved = meter.effective(lm, recipe)
+        assert abs(achieved - target) <= 0.02, f"{rule} at {target}: achieved {achieved:.3f}"
 
 
 def test_meter_matches_zeros_counted_independently(setup):
@@ -408,7 +429,7 @@ def test_loss_aware_picks_the_candidate_with_the_lowest_calibration_loss(setup):
 
     chosen = calibrate("loss-aware", calib, 0.5, refine=0)
     forced = {(s, r): calibrate("loss-aware", calib, 0.5, refine=0, sensitivity=s, rule=r)
-              for s in ("mean-square", "typical") for r in ("threshold", "topk")}
+              for s in ("mean-square", "typical") for r in ("threshold", "topk", "relative")}
     losses = {k: loss_with(v) for k, v in forced.items()}
     best = min(losses, key=losses.get)
     assert (chosen.calibration["choice"]["sensitivity"], chosen.calibration["choice"]["rule"]) == best

@@ -13,7 +13,8 @@ class EngineLinear:
 
     Dense: W [out, in] and a dot per output row. With an input rule: W^T [in, out], and the kernel keeps
     channel i when |x_i| * scale_i > cutoff, reading only kept rows. The cutoff is the rule's threshold, or
-    per token the k-th largest score (topk) or mean + z*std of the scores (gaussian), computed here."""
+    per token the k-th largest score (topk), the threshold times the scores' RMS (relative) or mean + z*std of
+    the scores (gaussian), computed here."""
 
     def __init__(self, view: LinearView, rule: MaskRule | None, kernels, bias_extra: list[float] | None = None):
         w = view.weight().detach().float()
@@ -50,6 +51,8 @@ class EngineLinear:
             if k == 0:
                 return float("inf")
             return float(score.kthvalue(len(score) - k).values)
+        if rule.kind == "relative":
+            return float(rule.threshold * score.pow(2).mean().sqrt())
         return float(score.mean() + rule.z * score.std())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

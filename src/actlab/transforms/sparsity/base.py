@@ -17,6 +17,7 @@ sparsifies. Every rule keeps channel i of a token when its score beats a cutoff:
     score_i = |x_i| * scale_i        (scale_i = 1 when no per-channel scale is given)
     threshold: cutoff = a calibrated constant
     topk:      cutoff = the k-th largest score of the token (k = keep fraction * channels)
+    relative:  cutoff = threshold * RMS of the token's scores (scale-free like topk, a variable count)
     gaussian:  cutoff = mean(score) + z * std(score) over the token's channels (statistical top-k)
     core:      (CoreInfer, `source="act"`) a fixed set per sequence, chosen at the prompt: the `keep`
                fraction of neurons most often among each prompt token's top-`alpha` scores
@@ -43,7 +44,7 @@ from actlab.errors import ConfigError
 from actlab.fsutil import atomic_write_text
 from actlab.models.adapter import ModelAdapter
 
-RuleKind = Literal["threshold", "topk", "gaussian", "core"]
+RuleKind = Literal["threshold", "topk", "relative", "gaussian", "core"]
 RECIPE_FORMAT = 1
 ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "down")
 
@@ -51,7 +52,7 @@ ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "down")
 @dataclass
 class MaskRule:
     kind: RuleKind = "threshold"
-    threshold: float = 0.0  # threshold: keep score > threshold
+    threshold: float = 0.0  # threshold: keep score > threshold; relative: keep score > threshold * RMS(score)
     keep: float = 1.0  # topk: fraction of channels kept per token
     z: float = 0.0  # gaussian: cutoff = mean + z * std of the token's scores
     scale: list[float] | None = None  # per-channel score multiplier

@@ -1,7 +1,8 @@
 """Calibration statistics for sparsity methods, computed once per (model, corpus, protocol) and cached.
 
-- `score_histograms`: per projection, the log-bin histogram of its score |x_i| * scale_i over every
-  calibration token (any quantile, any "fraction below t" reads back from it);
+- `score_histograms`: per projection, the log-bin histogram of its score |x_i| * scale_i (or of the score
+  relative to its token's RMS) over every calibration token (any quantile, any "fraction below t" reads
+  back from it);
 - `channel_mean_sq`: per-channel E[x^2] at a site (CHESS weights channels by E[up^2]);
 - `input_grad_rms`: per projection input channel, sqrt(E[(dL/dx_i)^2]) of the next-token loss;
 - `layer_replay`: each decoder layer's recorded inputs (args and kwargs), to re-run one layer alone.
@@ -136,15 +137,17 @@ class CalibrationData:
 
     # -- statistics ------------------------------------------------------------------------------
     def score_histograms(self, scales: dict[str, torch.Tensor | None], source: str = "input",
-                         progress: bool = True) -> dict[str, ScoreHistogram]:
+                         progress: bool = True, relative: bool = False) -> dict[str, ScoreHistogram]:
         """Histogram of |x| * scale at the input of each projection in `scales` (or at act(gate) for
-        `source="act"`, keyed by the layer's down projection)."""
+        `source="act"`, keyed by the layer's down projection). `relative=True`: of each score divided by the
+        RMS of its token's scores (what a "relative" rule's threshold is compared with)."""
         tag = {k: (None if v is None else hashlib.sha256(v.float().numpy().tobytes()).hexdigest()[:16])
                for k, v in sorted(scales.items())}
-        raw = self._cached("hist", [source, tag], lambda: self._collect_histograms(scales, source, progress))
+        extra = [source, tag, "relative"] if relative else [source, tag]  # absolute keys as before: caches stay valid
+        raw = self._cached("hist", extra, lambda: self._collect_histograms(scales, source, progress, relative))
         return {k: ScoreHistogram(raw[f"{k}|counts"].numpy(), int(raw[f"{k}|zeros"])) for k in scales}
 
-    def _collect_histograms(self, scales, source, progress) -> dict[str, torch.Tensor]:
+    def _collect_histograms(self, scales, source, progress, relative=False) -> dict[str, torch.Tensor]:
         hist = {k: torch.zeros(NUM_BINS, dtype=torch.int64) for k in scales}
         zeros = {k: 0 for k in scales}
         kernel = native.load("site_stats")
@@ -153,6 +156,8 @@ class CalibrationData:
             score = x.detach().reshape(-1, x.shape[-1]).float().abs()
             if scales[key] is not None:
                 score = score * scales[key]
+            if relative:
+                score = score / score.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30)
             zeros[key] += int((score == 0).sum())
             if kernel is not None:
                 kernel.site_stats(score, hist[key])

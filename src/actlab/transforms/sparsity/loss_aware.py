@@ -19,9 +19,12 @@ costs the least loss.
 Two choices the derivation leaves open are settled per model by the measured calibration loss:
 - the sensitivity estimate: the plain mean square of the gradient, or a typical token's (a few tokens, the
   attention sinks, can own the mean square: on Gemma-3 over 90% of many projections' gradient energy);
-- the rule: the shared threshold tau, or per-token top-k at the fraction tau allocates to each projection
-  (a per-token cutoff follows tokens whose activations are uniformly larger or smaller).
-Each of the (up to) four candidate recipes is scored by the next-token loss on `select_windows`
+- the rule: the shared threshold tau; or per-token top-k at the fraction tau allocates to each projection
+  (a per-token cutoff follows tokens whose activations are uniformly larger or smaller); or, between the
+  two, a relative threshold per projection - drop x_i iff its score is below r_l times the RMS of the
+  token's scores, r_l set so the projection drops its allocated fraction on calibration data (scale-free
+  like top-k, but a token whose scores are spread unevenly drops more or fewer channels).
+Each of the (up to) six candidate recipes is scored by the next-token loss on `select_windows`
 calibration windows with it attached; the lowest wins and is recorded in the recipe.
 """
 
@@ -38,7 +41,7 @@ from actlab.transforms.sparsity.base import (MaskRule, Sparsifier, SparsityRecip
                                              projection_params)
 
 SENSITIVITIES = ("mean-square", "typical")
-RULES = ("threshold", "topk")
+RULES = ("threshold", "topk", "relative")
 
 
 def calibration_loss(calib, recipe: SparsityRecipe, windows: torch.Tensor) -> float:
@@ -54,11 +57,11 @@ def calibration_loss(calib, recipe: SparsityRecipe, windows: torch.Tensor) -> fl
 class LossAware(Sparsifier):
     grad_windows: int = 8
     sensitivity: str = "auto"  # "mean-square" | "typical" | "auto"
-    rule: str = "auto"  # "threshold" | "topk" | "auto"
+    rule: str = "auto"  # "threshold" | "topk" | "relative" | "auto"
     select_windows: int = 2  # calibration windows scoring the candidates (the last ones)
     name = "loss-aware"
     paper = ("actlab: score |x_i|*RMS(dL/dx_i)/sqrt(fan-out), one global threshold over every layer and projection "
-             "(or per-token top-k at its allocation), variant chosen by calibration loss")
+             "(or a per-token top-k or relative cutoff at its allocation), variant chosen by calibration loss")
 
     def __post_init__(self):
         if self.sensitivity not in (*SENSITIVITIES, "auto") or self.rule not in (*RULES, "auto"):
@@ -79,6 +82,10 @@ class LossAware(Sparsifier):
         dropped = {k: hists[k].dropped_at(t) for k in scales}
         if rule == "topk":
             rules = {k: MaskRule(kind="topk", keep=1.0 - dropped[k], scale=scales[k].tolist()) for k in scales}
+        elif rule == "relative":
+            relative = calib.score_histograms(scales, relative=True)
+            rules = {k: MaskRule(kind="relative", threshold=relative[k].threshold_for(dropped[k]),
+                                 scale=scales[k].tolist()) for k in scales}
         else:
             rules = {k: MaskRule(threshold=t, scale=scales[k].tolist()) for k in scales}
         recipe = build_recipe(self, calib, target, rules, dropped)

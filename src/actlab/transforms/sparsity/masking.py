@@ -34,6 +34,9 @@ def keep_mask(x: torch.Tensor, rule: MaskRule, scale: torch.Tensor | None = None
             return torch.zeros_like(score, dtype=torch.bool)
         cutoff = score.float().kthvalue(channels - k, dim=-1, keepdim=True).values  # largest score dropped
         return score > cutoff
+    if rule.kind == "relative":
+        s = score.float()
+        return s > rule.threshold * s.pow(2).mean(-1, keepdim=True).sqrt()
     if rule.kind == "gaussian":
         s = score.float()
         cutoff = s.mean(-1, keepdim=True) + rule.z * s.std(-1, keepdim=True)
