@@ -160,7 +160,7 @@ def test_achieved_sparsity_on_calibration_data(setup, method):
 def test_loss_aware_rules_mask_as_the_reference_and_meet_the_budget(setup, rule):
     lm, calib, ids = setup
     for target in (0.25, 0.45):
-        recipe = calibrate("loss-aware", calib, target, rule=rule)
+        recipe = calibrate("loss-aware", calib, target, rule=rule, toward_uniform=0.5)
         assert {r.kind for r in recipe.rules.values()} == {rule}
         meter = SparsityMeter()
         with torch.no_grad():
@@ -262,6 +262,16 @@ def test_recipe_for_another_model_is_refused(setup):
     with pytest.raises(ConfigError, match="calibrated for"):
         with attach(changed, recipe):
             pass
+
+
+@pytest.mark.parametrize("params,match", [({"sensitivity": "median"}, "sensitivity must be"),
+                                          ({"rule": "top-k"}, "rule one of"),
+                                          ({"toward_uniform": 1.5}, "toward_uniform must be"),
+                                          ({"toward_uniform": "half"}, "toward_uniform must be")])
+def test_loss_aware_refuses_bad_parameters(setup, params, match):
+    _, calib, _ = setup
+    with pytest.raises(ConfigError, match=match):
+        calibrate("loss-aware", calib, 0.5, **params)
 
 
 def test_cats_refuses_unreachable_budget(setup):
@@ -427,14 +437,42 @@ def test_loss_aware_picks_the_candidate_with_the_lowest_calibration_loss(setup):
                 count += len(w) - 1
         return total / count
 
+    def forced(s, r, b):
+        return calibrate("loss-aware", calib, 0.5, refine=0, sensitivity=s, rule=r, toward_uniform=b)
+
     chosen = calibrate("loss-aware", calib, 0.5, refine=0)
-    forced = {(s, r): calibrate("loss-aware", calib, 0.5, refine=0, sensitivity=s, rule=r)
-              for s in ("mean-square", "typical") for r in ("threshold", "topk", "relative")}
-    losses = {k: loss_with(v) for k, v in forced.items()}
+    variants = {(s, r, 0.0): forced(s, r, 0.0) for s in ("mean-square", "typical")
+                for r in ("threshold", "topk", "relative")}
+    losses = {k: loss_with(v) for k, v in variants.items()}
+    s, r, _ = min(losses, key=losses.get)
+    for b in (0.25, 0.5, 0.75):  # the shrinkage is searched for the best variant only
+        variants[s, r, b] = forced(s, r, b)
+        losses[s, r, b] = loss_with(variants[s, r, b])
     best = min(losses, key=losses.get)
-    assert (chosen.calibration["choice"]["sensitivity"], chosen.calibration["choice"]["rule"]) == best
-    assert chosen.to_dict()["rules"] == forced[best].to_dict()["rules"]
+    assert tuple(chosen.calibration["choice"].values()) == best
+    assert chosen.to_dict()["rules"] == variants[best].to_dict()["rules"]
     assert len(set(losses.values())) > 1  # the candidates really differ
+
+
+@pytest.mark.parametrize("rule", ["threshold", "relative"])
+def test_loss_aware_shrinks_its_allocation_toward_uniform(setup, rule):
+    lm, calib, _ = setup
+    params = projection_params(lm.adapter)
+    fixed = {"rule": rule, "sensitivity": "mean-square"}
+    plain = calibrate("loss-aware", calib, 0.4, refine=0, toward_uniform=0.0, **fixed)
+    half = calibrate("loss-aware", calib, 0.4, refine=0, toward_uniform=0.5, **fixed)
+    for key in params:
+        assert half.predicted[key] == pytest.approx(0.5 * plain.predicted[key] + 0.5 * 0.4)
+    assert half.predicted["effective"] == pytest.approx(0.4, abs=1e-6)
+    spread = [plain.predicted[k] for k in params]
+    assert max(spread) - min(spread) > 0.1  # the loss-aware allocation is far from uniform on this model
+    meter = SparsityMeter()
+    with attach(lm, half, meter), torch.no_grad():
+        for w in calib.windows:
+            lm.model(w[None])
+    measured = meter.dropped()
+    for key in params:  # each projection drops its shrunk share, measured on the calibration data
+        assert measured[key] == pytest.approx(half.predicted[key], abs=0.03)
 
 
 def test_typical_gradient_is_not_owned_by_one_token(setup):

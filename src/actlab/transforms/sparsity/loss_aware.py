@@ -26,6 +26,12 @@ Two choices the derivation leaves open are settled per model by the measured cal
   like top-k, but a token whose scores are spread unevenly drops more or fewer channels).
 Each of the (up to) six candidate recipes is scored by the next-token loss on `select_windows`
 calibration windows with it attached; the lowest wins and is recorded in the recipe.
+
+The allocation is then shrunk toward uniform: projection l drops (1 - b) f_l + b * target, which keeps the
+budget (the f_l average to the target, weighted by parameters). The quadratic cost model adds the costs
+of dropped channels independently, so it concentrates the budget in the cheapest projections; the real
+loss grows faster than that once a projection loses a large share of its input. b is chosen from
+`SHRINKAGES` by the same calibration loss, for the winning variant.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from actlab.transforms.sparsity.base import (MaskRule, Sparsifier, SparsityRecip
 
 SENSITIVITIES = ("mean-square", "typical")
 RULES = ("threshold", "topk", "relative")
+SHRINKAGES = (0.0, 0.25, 0.5, 0.75)  # toward the uniform allocation
 
 
 def calibration_loss(calib, recipe: SparsityRecipe, windows: torch.Tensor) -> float:
@@ -59,6 +66,7 @@ class LossAware(Sparsifier):
     sensitivity: str = "auto"  # "mean-square" | "typical" | "auto"
     rule: str = "auto"  # "threshold" | "topk" | "relative" | "auto"
     select_windows: int = 2  # calibration windows scoring the candidates (the last ones)
+    toward_uniform: float | str = "auto"  # shrinkage b of the allocation toward uniform, in [0, 1]; or "auto"
     name = "loss-aware"
     paper = ("actlab: score |x_i|*RMS(dL/dx_i)/sqrt(fan-out), one global threshold over every layer and projection "
              "(or a per-token top-k or relative cutoff at its allocation), variant chosen by calibration loss")
@@ -67,6 +75,9 @@ class LossAware(Sparsifier):
         if self.sensitivity not in (*SENSITIVITIES, "auto") or self.rule not in (*RULES, "auto"):
             raise ConfigError(f"loss-aware: sensitivity must be one of {SENSITIVITIES} or auto, rule one of {RULES} "
                               "or auto")
+        b = self.toward_uniform
+        if b != "auto" and not (isinstance(b, (int, float)) and 0.0 <= b <= 1.0):
+            raise ConfigError(f"loss-aware: toward_uniform must be in [0, 1] or auto, got {b!r}")
 
     def scales(self, calib, sensitivity: str = "mean-square") -> dict[str, torch.Tensor]:
         adapter = calib.lm.adapter
@@ -75,11 +86,16 @@ class LossAware(Sparsifier):
                 for role, lin in layer.linears.items()}
         return {k: grads[k] / math.sqrt(outs[k]) for k in projection_keys(adapter)}
 
-    def candidate(self, calib, target: float, sensitivity: str, rule: str) -> SparsityRecipe:
+    def candidate(self, calib, target: float, sensitivity: str, rule: str,
+                  toward_uniform: float = 0.0) -> SparsityRecipe:
         scales = self.scales(calib, sensitivity)
         hists = calib.score_histograms(scales)
         t = global_threshold(hists, projection_params(calib.lm.adapter), target)
         dropped = {k: hists[k].dropped_at(t) for k in scales}
+        thresholds = dict.fromkeys(scales, t)
+        if toward_uniform:
+            dropped = {k: (1.0 - toward_uniform) * f + toward_uniform * target for k, f in dropped.items()}
+            thresholds = {k: hists[k].threshold_for(f) for k, f in dropped.items()}
         if rule == "topk":
             rules = {k: MaskRule(kind="topk", keep=1.0 - dropped[k], scale=scales[k].tolist()) for k in scales}
         elif rule == "relative":
@@ -87,23 +103,33 @@ class LossAware(Sparsifier):
             rules = {k: MaskRule(kind="relative", threshold=relative[k].threshold_for(dropped[k]),
                                  scale=scales[k].tolist()) for k in scales}
         else:
-            rules = {k: MaskRule(threshold=t, scale=scales[k].tolist()) for k in scales}
+            rules = {k: MaskRule(threshold=thresholds[k], scale=scales[k].tolist()) for k in scales}
         recipe = build_recipe(self, calib, target, rules, dropped)
-        recipe.calibration["choice"] = {"sensitivity": sensitivity, "rule": rule}
+        recipe.calibration["choice"] = {"sensitivity": sensitivity, "rule": rule, "toward_uniform": toward_uniform}
         return recipe
 
     def calibrate(self, calib, target):
         chosen = calib.under.calibration.get("choice") if calib.under is not None else None
         if chosen is not None:  # a refinement step keeps the variant chosen before it
-            return self.candidate(calib, target, chosen["sensitivity"], chosen["rule"])
-        options = [(s, r) for s in (SENSITIVITIES if self.sensitivity == "auto" else (self.sensitivity,))
+            return self.candidate(calib, target, **chosen)
+        shrinkages = SHRINKAGES if self.toward_uniform == "auto" else (float(self.toward_uniform),)
+        options = [(s, r, shrinkages[0]) for s in (SENSITIVITIES if self.sensitivity == "auto" else (self.sensitivity,))
                    for r in (RULES if self.rule == "auto" else (self.rule,))]
-        candidates = {option: self.candidate(calib, target, *option) for option in options}
-        if len(candidates) == 1 or target == 0:
-            return candidates[options[0]]
+        if target == 0 or len(options) * len(shrinkages) == 1:
+            return self.candidate(calib, target, *options[0])
         held = calib.windows[-self.select_windows:]
-        losses = {option: calibration_loss(calib, recipe, held) for option, recipe in candidates.items()}
-        best = min(losses, key=losses.get)
-        recipe = candidates[best]
-        recipe.calibration["selection_loss"] = {f"{s}/{r}": v for (s, r), v in losses.items()}
+        scored: dict[tuple, tuple[float, SparsityRecipe]] = {}
+
+        def consider(option: tuple) -> None:
+            recipe = self.candidate(calib, target, *option)
+            scored[option] = (calibration_loss(calib, recipe, held), recipe)
+
+        for option in options:
+            consider(option)
+        sensitivity, rule, _ = min(scored, key=lambda option: scored[option][0])
+        for b in shrinkages[1:]:  # the shrinkage only for the winning variant: three candidates more, not eighteen
+            consider((sensitivity, rule, b))
+        best = min(scored, key=lambda option: scored[option][0])
+        recipe = scored[best][1]
+        recipe.calibration["selection_loss"] = {f"{s}/{r}/{b:g}": loss for (s, r, b), (loss, _) in scored.items()}
         return recipe
