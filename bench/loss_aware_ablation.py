@@ -1,12 +1,12 @@
-"""loss-aware's two open choices on each model: sensitivity estimate x rule form, at one budget.
+"""loss-aware's first two open choices on each model: sensitivity estimate x rule form, at one budget.
 
     python bench/loss_aware_ablation.py [--models smollm2-135m gemma3-270m] [--sparsity 0.5] [--windows 4]
 
-For every (sensitivity, rule) in {mean-square, typical} x {threshold, top-k}: the recipe (no refinement),
-its selection loss on the last two calibration windows (what `loss-aware` itself compares) and its
-perplexity on the first --windows x 1024 tokens of WikiText-2 test. Shows whether the calibration-loss choice
-picks the variant that is best on held-out text. Prints a Markdown table, writes
-bench/results/loss_aware_ablation.json.
+For every (sensitivity, rule) in {mean-square, typical} x {threshold, top-k, relative}: the recipe (no
+refinement, no shrinkage toward uniform), its selection loss on the last two calibration windows (what
+`loss-aware` itself compares) and its perplexity on the first --windows x 1024 tokens of WikiText-2 test.
+Shows whether the calibration-loss choice picks the variant that is best on held-out text. Prints a
+Markdown table, writes bench/results/loss_aware_ablation.json.
 """
 
 from __future__ import annotations

@@ -454,6 +454,15 @@ def test_loss_aware_picks_the_candidate_with_the_lowest_calibration_loss(setup):
     assert len(set(losses.values())) > 1  # the candidates really differ
 
 
+def test_refinement_keeps_the_record_of_the_selection(setup):
+    _, calib, _ = setup
+    unrefined = calibrate("loss-aware", calib, 0.4, refine=0, rule="threshold")  # top-k is never refined
+    refined = calibrate("loss-aware", calib, 0.4, refine=1, rule="threshold")
+    assert refined.calibration["refined"] == 1
+    assert refined.calibration["selection_loss"] == unrefined.calibration["selection_loss"]
+    assert refined.calibration["choice"] == unrefined.calibration["choice"]
+
+
 @pytest.mark.parametrize("rule", ["threshold", "relative"])
 def test_loss_aware_shrinks_its_allocation_toward_uniform(setup, rule):
     lm, calib, _ = setup

@@ -46,7 +46,8 @@ def calibrate(method: str | Sparsifier, calib: CalibrationData, target: float, r
     for step in range(refine if target > 0 else 0):
         if all(rule.kind in ("topk", "core") for rule in recipe.rules.values()):
             break  # exact per-token (or per-sentence) top-k: nothing to refit
-        recipe = sparsifier.calibrate(calib.sparse_view(recipe), target)
+        previous, recipe = recipe, sparsifier.calibrate(calib.sparse_view(recipe), target)
+        recipe.calibration = {**previous.calibration, **recipe.calibration}  # e.g. the losses that chose a variant
         recipe.calibration["refined"] = step + 1
     return recipe
 
