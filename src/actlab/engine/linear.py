@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from actlab.models.adapter import LinearView
-from actlab.transforms.sparsity.base import MaskRule
+from actlab.transforms.sparsity.base import MaskRule, token_rms
 
 
 class EngineLinear:
@@ -52,7 +52,7 @@ class EngineLinear:
                 return float("inf")
             return float(score.kthvalue(len(score) - k).values)
         if rule.kind == "relative":
-            return float(rule.threshold * score.pow(2).mean().sqrt())
+            return float(rule.threshold * token_rms(score))
         return float(score.mean() + rule.z * score.std())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

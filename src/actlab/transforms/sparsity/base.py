@@ -141,6 +141,12 @@ def model_fingerprint(adapter: ModelAdapter, name: str | None = None) -> dict[st
     return result
 
 
+def token_rms(score: torch.Tensor) -> torch.Tensor:
+    """RMS of each token's scores over its channels (last dimension, kept): the scale a relative rule's
+    threshold multiplies. One definition for the masks, the decode engine and the calibration histograms."""
+    return score.pow(2).mean(-1, keepdim=True).sqrt()
+
+
 def check_target(target: float) -> float:
     if not isinstance(target, (int, float)) or math.isnan(target) or not 0.0 <= target < 1.0:
         raise ConfigError(f"sparsity must be in [0, 1), got {target}")

@@ -29,7 +29,7 @@ from actlab.models.cache import cache_root
 from actlab.models.loader import LoadedModel
 from actlab.probe.stats.histogram import NUM_BINS, fraction_below, histogram_of, quantile
 from actlab.progress import track
-from actlab.transforms.sparsity.base import model_fingerprint, split_key
+from actlab.transforms.sparsity.base import model_fingerprint, split_key, token_rms
 
 MIN_CALIBRATION_TOKENS = 512
 Z_EDGES = np.linspace(-8.0, 40.0, 9601)  # 0.005 wide bins for standardised scores
@@ -157,7 +157,7 @@ class CalibrationData:
             if scales[key] is not None:
                 score = score * scales[key]
             if relative:
-                score = score / score.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30)
+                score = score / token_rms(score).clamp_min(1e-30)
             zeros[key] += int((score == 0).sum())
             if kernel is not None:
                 kernel.site_stats(score, hist[key])

@@ -15,7 +15,7 @@ import torch
 
 from actlab.models.loader import LoadedModel
 from actlab.transforms.sparsity.base import (MaskRule, SparsityRecipe, dropped_by_rules, effective_sparsity,
-                                             projection_params, projection_shapes, projection_view)
+                                             projection_params, projection_shapes, projection_view, token_rms)
 
 
 def keep_mask(x: torch.Tensor, rule: MaskRule, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -36,7 +36,7 @@ def keep_mask(x: torch.Tensor, rule: MaskRule, scale: torch.Tensor | None = None
         return score > cutoff
     if rule.kind == "relative":
         s = score.float()
-        return s > rule.threshold * s.pow(2).mean(-1, keepdim=True).sqrt()
+        return s > rule.threshold * token_rms(s)
     if rule.kind == "gaussian":
         s = score.float()
         cutoff = s.mean(-1, keepdim=True) + rule.z * s.std(-1, keepdim=True)
