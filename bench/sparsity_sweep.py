@@ -42,13 +42,19 @@ def parse_method(spec: str) -> tuple[str, dict]:
 
 
 def code_fingerprint(source: str) -> str:
-    """Hash of a module's code, blind to formatting, comments and docstrings: only what runs relabels cells."""
+    """Hash of a module's code, blind to formatting, comments, docstrings and import lines: only what runs
+    relabels cells (a name imported from another module after a move is the same code)."""
     tree = ast.parse(source)
     for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
-                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
-            node.body = body[1:] or [ast.Pass()]
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(node, field, None)
+            if not isinstance(block, list) or not block or not isinstance(block[0], ast.stmt):
+                continue
+            kept = [s for s in block if not isinstance(s, (ast.Import, ast.ImportFrom))]
+            if field == "body" and kept and isinstance(kept[0], ast.Expr) and isinstance(kept[0].value, ast.Constant) \
+                    and isinstance(kept[0].value.value, str):
+                kept = kept[1:]  # a docstring
+            setattr(node, field, kept or [ast.Pass()])
     return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:10]
 
 
