@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from actlab.engine.bench import BEST_METHOD, bench_decode
+from actlab.jobs.bench import BEST_METHOD, bench_decode
 from actlab.fsutil import atomic_write_json
 
 

@@ -23,7 +23,7 @@ def child_peak_rss(model: str, tokens: int, seq_len: int) -> dict:
     """Profile `tokens` tokens in a fresh process and report its peak RSS (bounded memory check)."""
     code = (
         "import json, resource, sys, tempfile, actlab\n"
-        "from actlab.runs import profile\n"
+        "from actlab.jobs.profile import profile\n"
         f"lm = actlab.load_model({model!r}, log_fn=lambda *a: None)\n"
         "with tempfile.TemporaryDirectory() as d:\n"
         f"    profile({model!r}, 'python-docs', d + '/run', tokens={tokens}, seq_len={seq_len}, progress=False,"

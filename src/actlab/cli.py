@@ -83,7 +83,7 @@ def profile_cmd(
     """Profile activations at every site and write tables, raw state and report.html into a run directory."""
     import time as _time
 
-    from actlab.runs import ProfileOptions, profile
+    from actlab.jobs.profile import ProfileOptions, profile
 
     out = out or f"runs/{Path(model).name}-{_time.strftime('%Y%m%d-%H%M%S')}"
     options = ProfileOptions(sites=sites, query_stride=query_stride, lens_stride=lens_stride, batch_size=batch_size)
@@ -97,7 +97,7 @@ def profile_cmd(
 @app.command("report")
 def report_cmd(run: Annotated[str, typer.Argument(help="a complete run directory")]) -> None:
     """Re-render report.html of a run from its tables."""
-    from actlab.runs import rerender
+    from actlab.jobs.profile import rerender
 
     print(rerender(run))
 
@@ -106,7 +106,7 @@ def report_cmd(run: Annotated[str, typer.Argument(help="a complete run directory
 def merge_cmd(runs: Annotated[list[str], typer.Argument(help="two or more complete runs")],
               out: Annotated[str, typer.Option(help="new run directory")]) -> None:
     """Merge the statistics of runs of the same model (e.g. profiled on different corpora) into a new run."""
-    from actlab.runs import merge
+    from actlab.jobs.profile import merge
 
     target = merge(runs, out, log=_log)
     print(f"merged {len(runs)} runs -> {target.path / 'report.html'}")
@@ -136,7 +136,7 @@ def sparsify_cmd(
             print(f"{name}\t{cls.paper}")
         return
     from actlab.errors import ConfigError
-    from actlab.transforms.sparsity.pipeline import sparsify
+    from actlab.jobs.sparsify import sparsify
 
     if recipe is None and (method is None or sparsity is None):
         raise ConfigError("give --method and --sparsity (or --recipe); --list-methods shows the methods")
@@ -161,7 +161,7 @@ def sparsity_at_ppl_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """PPL-p% sparsity (Sparsing Law): the highest FFN activation sparsity with perplexity within p% of dense."""
-    from actlab.transforms.sparsity.pipeline import sparsity_at_ppl_job
+    from actlab.jobs.sparsify import sparsity_at_ppl_job
 
     out = sparsity_at_ppl_job(model, p=p, calib=calib, eval_data=eval_data, seq_len=seq_len, windows=windows,
                               calib_windows=calib_windows, steps=steps, log=_log)
@@ -187,13 +187,13 @@ def bench_decode_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Tokens/s of HF generate, the engine dense and the engine sparse (greedy, batch 1), one process."""
-    from actlab.engine.bench import bench_decode, profile_step
-    from actlab.transforms.sparsity import SparsityRecipe
+    from actlab.jobs.bench import bench_decode, profile_step
+    from actlab.transforms import load_recipe
 
     out = bench_decode(model, method=method, sparsity=sparsity, recipe_path=recipe, tokens=tokens, reps=reps,
                        calib=calib, log=_log)
     if profile:
-        _log(profile_step(model, SparsityRecipe.load(recipe) if recipe else None, log=_log))
+        _log(profile_step(model, load_recipe(recipe) if recipe else None, log=_log))
     _emit(out, as_json, "\n".join([
         f"{out['model']} ({out['method']} at {out['target_sparsity']:.0%}, achieved {out['achieved_sparsity']:.3f}), "
         f"{out['tokens']} tokens, median of {out['reps']}; decode phase (after the prompt's prefill), end to end in brackets:",

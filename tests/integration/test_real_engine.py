@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actlab.engine.bench import hf_generate, prompt_ids
+from actlab.engine.reference import hf_generate, prompt_ids
 from actlab.engine.decode import DecodeEngine
 from actlab.transforms.sparsity import CalibrationData, attach, calibrate
 

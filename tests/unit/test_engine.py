@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import actlab
-from actlab.engine.bench import hf_generate, prompt_ids
+from actlab.engine.reference import hf_generate, prompt_ids
 from actlab.engine.decode import DecodeEngine
 from actlab.engine.kernels import TorchKernels, load_kernels
 from actlab.engine.lm_head import ExactArgmaxHead

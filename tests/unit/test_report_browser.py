@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from actlab.report.plots import FIGURES
-from actlab.runs import ProfileOptions, profile
+from actlab.jobs.profile import ProfileOptions, profile
 
 pytestmark = pytest.mark.browser
 

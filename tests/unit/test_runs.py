@@ -17,7 +17,7 @@ from actlab.errors import CorpusError, RunDirectoryError
 from actlab.models.tiny import TINY_CONFIGS
 from actlab.probe import Profiler
 from actlab.report.rundir import RunDirectory
-from actlab.runs import ProfileOptions, merge, profile, rerender
+from actlab.jobs.profile import ProfileOptions, merge, profile, rerender
 
 OPTS = ProfileOptions(query_stride=4, lens_stride=8)
 KW = dict(seq_len=64, options=OPTS, progress=False, log=lambda *a: None)
@@ -81,7 +81,7 @@ def test_resume_with_other_model_or_data_is_refused(tmp_path, tiny_llama):
 
 
 def test_interrupted_run_is_partial_then_resumes_to_the_same_result(tmp_path, tiny_llama, monkeypatch):
-    import actlab.runs as runs
+    import actlab.jobs.profile as runs
 
     monkeypatch.setattr(runs, "CHECKPOINT_SECONDS", 0.0)  # checkpoint after every batch
     original = Profiler.observe
@@ -116,8 +116,8 @@ def test_killed_process_leaves_a_partial_run(tmp_path):
     """kill -9 in the middle: the manifest never claims completion, and the run resumes."""
     out = tmp_path / "killed"
     code = (
-        "import actlab.runs as r; r.CHECKPOINT_SECONDS = 0.0\n"
-        "from actlab.runs import profile, ProfileOptions\n"
+        "import actlab.jobs.profile as r; r.CHECKPOINT_SECONDS = 0.0\n"
+        "from actlab.jobs.profile import profile, ProfileOptions\n"
         f"profile('tiny-llama', None, {str(out)!r}, tokens=64*400, seq_len=64, progress=False,"
         " options=ProfileOptions(query_stride=4, lens_stride=8))\n"
     )

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 import actlab
 from actlab.errors import ConfigError
 from actlab.transforms.sparsity import METHODS, CalibrationData, SparsityRecipe, attach, calibrate
-from actlab.transforms.sparsity.base import (dropped_by_rules, effective_sparsity, projection_params, projection_view,
-                                             split_key)
-from actlab.transforms.sparsity.masking import SparsityMeter
+from actlab.models.compat import output_cache, with_cache
+from actlab.models.keys import split_key
+from actlab.transforms.sparsity.attach import SparsityMeter
+from actlab.transforms.sparsity.budget import dropped_by_rules, effective_sparsity, projection_params, projection_view
 
 SEQ = 96
 FAST = {"teal": {"tokens": 96, "step": 0.1}}
@@ -257,8 +258,7 @@ def test_recipe_for_another_model_is_refused(setup):
     changed = copy.deepcopy(lm)
     with torch.no_grad():
         changed.adapter.layers[0].linears["o"].module.weight.add_(0.01)
-    changed.adapter._actlab_fingerprint = None
-    del changed.adapter._actlab_fingerprint
+    changed.refresh_identity()  # a model with other weights (as if loaded from another checkpoint)
     with pytest.raises(ConfigError, match="calibrated for"):
         with attach(changed, recipe):
             pass
@@ -401,10 +401,10 @@ def test_coreinfer_decoding_uses_the_prompt_core(setup):
         steps = []
         with attach(lm, decoding) as meter:
             out = lm.model(ids[:, :prompt], use_cache=True)
-            past = out.past_key_values
+            past = output_cache(out)
             for j in range(prompt, SEQ):
-                out = lm.model(ids[:, j : j + 1], past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = lm.model(ids[:, j : j + 1], **with_cache(lm.model, past), use_cache=True)
+                past = output_cache(out)
                 steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), reference, rtol=1e-4, atol=1e-4)
     with attach(lm, decoding) as prompt_only, torch.no_grad():

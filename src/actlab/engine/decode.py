@@ -19,14 +19,15 @@ import torch
 from actlab.engine.kernels import load_kernels
 from actlab.engine.linear import ActSparseMLP, EngineLinear
 from actlab.engine.lm_head import ExactArgmaxHead
+from actlab.engine.plan import EnginePlan
 from actlab.errors import ConfigError
+from actlab.models.compat import output_cache
+from actlab.models.keys import MLP_ROLES, projection_key
 from actlab.models.loader import LoadedModel
-from actlab.transforms.sparsity.base import SparsityRecipe, effective_sparsity, projection_params
-from actlab.transforms.sparsity.masking import attach
-
+from actlab.transforms.compose import attach
+from actlab.transforms.sparsity.budget import effective_sparsity, projection_params
 
 NO_ROPE = torch.empty(0)
-
 
 
 def direct(module):
@@ -67,6 +68,9 @@ class EngineLayer:
     mlp_post_norm: object = None
     softcap: float | None = None
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [positions, head_dim]
+    slot: int = -1  # this layer's place in the engine's KV cache (-1: its attention was removed)
+    attention: bool = True  # False: the attention sublayer was removed (no projections, no KV cache)
+    feed_forward: bool = True  # False: the MLP sublayer was removed
 
 
 @dataclass
@@ -81,35 +85,38 @@ class GenerationStats:
 
 
 class DecodeEngine:
-    def __init__(self, lm: LoadedModel, recipe: SparsityRecipe | None = None, max_len: int = 2048,
-                 native: bool = True):
+    """Greedy batch-1 decoding of `lm`, dense or under `recipe` (any recipe the engine plan can lower: sparsity
+    rules, removed blocks and sublayers, and compositions of them)."""
+
+    def __init__(self, lm: LoadedModel, recipe=None, max_len: int = 2048, native: bool = True):
         if lm.device.type != "cpu":
             raise ConfigError("the decode engine's kernels are CPU kernels; load the model on the CPU")
-        if recipe is not None:
-            recipe.check_model(lm.adapter)
-            for key, rule in recipe.rules.items():
-                if rule.kind == "core" or rule.rank:
-                    raise ConfigError(f"the decode engine runs threshold, top-k and statistical rules; {key} is a "
-                                      f"{'core-neuron' if rule.kind == 'core' else 'low-rank'} rule ({recipe.method}): "
-                                      "evaluate it with actlab.transforms.sparsity.attach instead")
+        self.plan = EnginePlan.lower(lm, recipe)
         self.lm, self.recipe = lm, recipe
         ad = lm.adapter
         self.kernels = load_kernels(native)
         self.max_len = min(max_len, ad.max_context or max_len)
         self.num_heads, self.num_kv, self.head_dim = ad.num_heads, ad.num_kv_heads, ad.head_dim
         self.q_prescaled = ad.spec.q_prescaled
-        rules = recipe.rules if recipe is not None else {}
-        bias = recipe.bias if recipe is not None else {}
+        rules, bias, plan = self.plan.rules, self.plan.bias, self.plan
         rope = self._rope_tables()
         self.layers: list[EngineLayer] = []
         with torch.no_grad():
             for layer in ad.layers:
                 i = layer.index
-                act_rule = rules.get(f"L{i}.down")
+                if i in plan.skip_blocks:
+                    continue
+                attention, feed_forward = i not in plan.skip_attn, i not in plan.skip_mlp
+                act_rule = rules.get(projection_key(i, "down"))
                 act_sparse = act_rule is not None and act_rule.source == "act"
-                proj = {role: EngineLinear(view, rules.get(f"L{i}.{role}"), self.kernels, bias.get(f"L{i}.{role}"))
-                        for role, view in layer.linears.items() if not (act_sparse and role in ("up", "down"))}
-                if act_sparse:
+                kept = {role for role in layer.linears if (feed_forward if role in MLP_ROLES else attention)}
+                proj = {role: EngineLinear(view, rules.get(projection_key(i, role)), self.kernels,
+                                           bias.get(projection_key(i, role)))
+                        for role, view in layer.linears.items()
+                        if role in kept and not (act_sparse and role in ("up", "down"))}
+                if not feed_forward:
+                    mlp = None
+                elif act_sparse:
                     mlp = ActSparseMLP(proj["gate"], layer.linears.get("up"), layer.linears["down"], layer.act_fn,
                                        act_rule, self.kernels)
                 elif layer.gated_mlp:
@@ -125,11 +132,13 @@ class DecodeEngine:
                     k_norm=fused_norm(layer.k_norm, hd, self.kernels),
                     attn_post_norm=fused_norm(layer.attn_post_norm, d, self.kernels),
                     mlp_post_norm=fused_norm(layer.mlp_post_norm, d, self.kernels),
-                    softcap=getattr(layer.attn, "attn_logit_softcapping", None), rope=rope[i] if rope else None))
+                    softcap=getattr(layer.attn, "attn_logit_softcapping", None), rope=rope[i] if rope else None,
+                    slot=sum(x.attention for x in self.layers) if attention else -1, attention=attention,
+                    feed_forward=feed_forward))
             self.final_norm = fused_norm(ad.final_norm, ad.hidden_size, self.kernels)
             self.head = ExactArgmaxHead(ad.lm_head.weight, getattr(ad.lm_head, "bias", None), self.kernels)
             self.pos_table = None if ad.pos_embed is None else ad.pos_embed.weight.detach().float()
-        shape = (len(self.layers), self.num_kv, self.max_len, self.head_dim)
+        shape = (sum(x.attention for x in self.layers), self.num_kv, self.max_len, self.head_dim)
         self.k_cache = torch.zeros(shape)
         self.v_cache = torch.zeros(shape)
 
@@ -157,12 +166,15 @@ class DecodeEngine:
         ctx = attach(self.lm, self.recipe) if self.recipe is not None else contextlib.nullcontext()
         with ctx:
             out = self.lm.model(input_ids=torch.tensor([ids]), use_cache=True)
-        cache = out.past_key_values
-        for i in range(len(self.layers)):
-            k, v = cache.layers[i].keys[0], cache.layers[i].values[0]  # [kv, t, d] (t may be a window)
+        cache = output_cache(out)
+        for layer in self.layers:
+            if not layer.attention:
+                continue
+            entry = cache.layers[layer.index]
+            k, v = entry.keys[0], entry.values[0]  # [kv, t, d] (t may be a window)
             t = k.shape[1]
-            self.k_cache[i, :, len(ids) - t : len(ids)] = k.float()
-            self.v_cache[i, :, len(ids) - t : len(ids)] = v.float()
+            self.k_cache[layer.slot, :, len(ids) - t : len(ids)] = k.float()
+            self.v_cache[layer.slot, :, len(ids) - t : len(ids)] = v.float()
         return int(out.logits[0, -1].argmax())
 
     # -- one token -----------------------------------------------------------------------------
@@ -187,8 +199,8 @@ class DecodeEngine:
             q, k = layer.q_norm(q), layer.k_norm(k)
         cos, sin = (layer.rope[0][pos], layer.rope[1][pos]) if layer.rope is not None else (NO_ROPE, NO_ROPE)
         start = 0 if layer.window is None else max(0, pos + 1 - layer.window)
-        out = self.kernels.decode_attention(q, k, v.view(self.num_kv, self.head_dim), self.k_cache[layer.index],
-                                            self.v_cache[layer.index], pos, start, cos, sin,
+        out = self.kernels.decode_attention(q, k, v.view(self.num_kv, self.head_dim), self.k_cache[layer.slot],
+                                            self.v_cache[layer.slot], pos, start, cos, sin,
                                             1.0 if self.q_prescaled else layer.scaling, layer.softcap or 0.0)
         o = p["o"](out)
         return o if layer.attn_post_norm is None else layer.attn_post_norm(o)
@@ -197,9 +209,11 @@ class DecodeEngine:
     def step(self, token: int, pos: int) -> int:
         h = self._embed(token, pos)
         for layer in self.layers:
-            h = h + self._attention(layer, layer.attn_norm(h), pos)
-            m = layer.mlp(layer.mlp_norm(h))
-            h = h + (m if layer.mlp_post_norm is None else layer.mlp_post_norm(m))
+            if layer.attention:
+                h = h + self._attention(layer, layer.attn_norm(h), pos)
+            if layer.feed_forward:
+                m = layer.mlp(layer.mlp_norm(h))
+                h = h + (m if layer.mlp_post_norm is None else layer.mlp_post_norm(m))
         return self.head.argmax(self.final_norm(h))
 
     def generate(self, ids: list[int], max_new_tokens: int) -> GenerationStats:
@@ -233,12 +247,12 @@ class DecodeEngine:
         for layer in self.layers:
             for role, lin in layer.projections.items():
                 if lin.seen:
-                    dropped[f"L{layer.index}.{role}"] = 1 - lin.kept / lin.seen
+                    dropped[projection_key(layer.index, role)] = 1 - lin.kept / lin.seen
             if isinstance(layer.mlp, ActSparseMLP) and layer.mlp.seen:
                 frac = 1 - layer.mlp.kept / layer.mlp.seen
-                dropped[f"L{layer.index}.down"] = frac
+                dropped[projection_key(layer.index, "down")] = frac
                 if layer.mlp.w_up is not None:
-                    dropped[f"L{layer.index}.up"] = frac
+                    dropped[projection_key(layer.index, "up")] = frac
         return effective_sparsity(dropped, projection_params(self.lm.adapter))
 
     def weight_bytes_per_token(self, sparsity: float = 0.0) -> float:

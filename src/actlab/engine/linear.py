@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from actlab.models.adapter import LinearView
-from actlab.transforms.sparsity.base import MaskRule, token_rms
+from actlab.transforms.sparsity.recipe import MaskRule
+from actlab.transforms.sparsity.rules import token_rms
 
 
 class EngineLinear:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from actlab.data.tasks import Choice
+from actlab.models.compat import output_cache, with_cache
 from actlab.models.loader import LoadedModel
 from actlab.progress import track
 
@@ -54,12 +55,12 @@ def choice_loglikelihoods(lm: LoadedModel, context: list[int], continuations: li
     width = max(len(c) for c in continuations)
     if width <= 1:
         return scores
-    cache = out.past_key_values
+    cache = output_cache(out)
     cache.batch_repeat_interleave(len(continuations))
     ids = torch.zeros((len(continuations), width), dtype=torch.long)
     for row, c in enumerate(continuations):
         ids[row, : len(c)] = torch.tensor(c)
-    logits = lm.model(input_ids=ids.to(device), past_key_values=cache, use_cache=True,
+    logits = lm.model(input_ids=ids.to(device), **with_cache(lm.model, cache), use_cache=True,
                       logits_to_keep=torch.arange(width - 1, device=device)).logits.float()
     rest = F.log_softmax(logits, dim=-1).cpu()
     for row, c in enumerate(continuations):

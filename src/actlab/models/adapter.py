@@ -100,14 +100,14 @@ class ModelAdapter:
         self.head_dim: int = int(getattr(cfg, "head_dim", None) or self.hidden_size // self.num_heads)
         self.vocab_size: int = int(cfg.vocab_size)
         self.max_context: int | None = getattr(cfg, "max_position_embeddings", None)
-        self.embed: nn.Module = _get(model, spec.embed)
-        self.final_norm: nn.Module = _get(model, spec.final_norm)
-        self.lm_head: nn.Module = _get(model, spec.lm_head)
-        self.layers: list[LayerView] = [self._layer_view(i, m) for i, m in enumerate(_get(model, spec.layers))]
+        self.embed: nn.Module = resolve(model, spec.embed)
+        self.final_norm: nn.Module = resolve(model, spec.final_norm)
+        self.lm_head: nn.Module = resolve(model, spec.lm_head)
+        self.layers: list[LayerView] = [self._layer_view(i, m) for i, m in enumerate(resolve(model, spec.layers))]
         self.intermediate_size: int = self.layers[0].linears["gate"].out_features
         self.num_layers = len(self.layers)
-        self.rotary: nn.Module | None = _get(model, spec.rotary) if spec.rotary else None
-        self.pos_embed: nn.Module | None = _get(model, spec.pos_embed) if spec.pos_embed else None
+        self.rotary: nn.Module | None = resolve(model, spec.rotary) if spec.rotary else None
+        self.pos_embed: nn.Module | None = resolve(model, spec.pos_embed) if spec.pos_embed else None
 
     def sliding_window(self, layer: LayerView) -> int | None:
         """Keys a layer's queries may see (None: all), as the model's own attention applies it."""
@@ -124,7 +124,7 @@ class ModelAdapter:
         for role in ATTN_ROLES + MLP_ROLES:
             path = getattr(spec, role)
             if path is not None:
-                linears[role] = LinearView(f"L{index}.{role}", _get(layer, path), transposed=t)
+                linears[role] = LinearView(f"L{index}.{role}", resolve(layer, path), transposed=t)
         heads: dict[str, LinearView]
         if "qkv" in linears:
             fused = linears["qkv"]
@@ -134,16 +134,16 @@ class ModelAdapter:
         else:
             heads = {r: linears[r] for r in ("q", "k", "v")}
         optional = {
-            name: _get(layer, getattr(spec, name)) if getattr(spec, name) else None
+            name: resolve(layer, getattr(spec, name)) if getattr(spec, name) else None
             for name in ("attn_post_norm", "mlp_post_norm", "q_norm", "k_norm")
         }
         return LayerView(
             index=index,
             module=layer,
-            attn=_get(layer, spec.attn),
-            attn_norm=_get(layer, spec.attn_norm),
-            mlp_norm=_get(layer, spec.mlp_norm),
-            act_fn=_get(layer, spec.act),
+            attn=resolve(layer, spec.attn),
+            attn_norm=resolve(layer, spec.attn_norm),
+            mlp_norm=resolve(layer, spec.mlp_norm),
+            act_fn=resolve(layer, spec.act),
             linears=linears,
             head_projections=heads,
             **optional,
@@ -199,7 +199,7 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
         ) from exc
 
 
-def _get(root: nn.Module, path: str) -> Any:
+def resolve(root: nn.Module, path: str) -> Any:
     obj: Any = root
     for part in path.split("."):
         obj = obj[int(part)] if part.isdigit() else getattr(obj, part)

@@ -20,6 +20,7 @@ from actlab.models import cache
 from actlab.models.adapter import ModelAdapter, adapter_for
 from actlab.models.architectures import spec_for_model_type, supported_model_types
 from actlab.models.fetch import fetch_gguf, sha256_of
+from actlab.models.identity import ModelIdentity, identify
 from actlab.models.registry import BUILTINS, BuiltinModel
 from actlab.models.tiny import build_tiny
 
@@ -28,13 +29,39 @@ log = logging.getLogger("actlab")
 
 @dataclass
 class LoadedModel:
-    """A model in eval mode with its tokenizer, architecture adapter and provenance."""
+    """A model in eval mode with its tokenizer, architecture adapter, provenance and identity.
+
+    `identity` is taken once, at load: recipes, calibration caches and runs compare it to refuse results that
+    belong to another model. `attached` holds recipes attached for the model's lifetime (a directory exported
+    with a runtime recipe re-attaches it at load); `detach()` removes them."""
 
     name: str
     model: PreTrainedModel
     tokenizer: Any
     adapter: ModelAdapter
     provenance: dict[str, Any] = field(default_factory=dict)
+    identity: ModelIdentity | None = None
+    attached: list[Any] = field(default_factory=list)
+    _attachment: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.identity is None:
+            self.identity = identify(self.model, self.tokenizer, self.name, self.provenance.get("source", "?"),
+                                     self.provenance.get("path") or self.provenance.get("id") or self.name)
+        self.adapter.identity = self.identity  # what recipes built from the adapter alone record
+
+    def refresh_identity(self) -> ModelIdentity:
+        """Take the identity again (after the weights were changed in place on purpose)."""
+        self.identity = None
+        self.__post_init__()
+        return self.identity
+
+    def detach(self) -> None:
+        """Remove the recipes attached for the model's lifetime; the model is as it was loaded."""
+        if self._attachment is not None:
+            attachment, self._attachment = self._attachment, None
+            attachment.__exit__(None, None, None)
+        self.attached = []
 
     @property
     def device(self) -> torch.device:
@@ -45,7 +72,8 @@ class LoadedModel:
         return self.adapter.max_context
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "provenance": self.provenance, "architecture": self.adapter.describe()}
+        return {"name": self.name, "provenance": self.provenance, "architecture": self.adapter.describe(),
+                "identity": self.identity.to_dict()}
 
 
 def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -71,12 +99,22 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | t
                 f"unknown model {spec!r}: not a built-in name ({', '.join(BUILTINS)}), not an existing "
                 "path, and not a Hugging Face hub id of the form org/name"
             )
+    provenance.setdefault("dtype", str(dtype).removeprefix("torch."))
+    return _loaded(spec, model.to(device), tokenizer, provenance)
+
+
+def wrap(model: PreTrainedModel, tokenizer: Any, name: str | None = None) -> LoadedModel:
+    """An already loaded `*ForCausalLM` model and its tokenizer as a LoadedModel (put in eval mode, gradients
+    off; nothing is copied)."""
+    name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
+    return _loaded(str(name), model.eval(), tokenizer, {"source": "wrapped", "class": type(model).__name__})
+
+
+def _loaded(name: str, model: PreTrainedModel, tokenizer: Any, provenance: dict[str, Any]) -> LoadedModel:
     model.requires_grad_(False)
-    model.to(device)
     adapter = adapter_for(model)
     provenance.setdefault("transformers", transformers.__version__)
-    provenance.setdefault("dtype", str(dtype).removeprefix("torch."))
-    return LoadedModel(name=spec, model=model, tokenizer=tokenizer, adapter=adapter, provenance=provenance)
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, adapter=adapter, provenance=provenance)
 
 
 def list_models() -> list[dict[str, Any]]:

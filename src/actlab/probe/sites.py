@@ -1,10 +1,11 @@
-"""Named sites: where in the forward pass an activation can be read, the same names for every architecture.
+"""Named sites: where in the forward pass an activation can be read or edited, the same names for every
+architecture (names from `actlab.models.keys`).
 
 Per layer i:
   L{i}.resid_in    residual stream entering the block (= L{i-1}.resid_out for i > 0)
   L{i}.attn_in     normed input of the q/k/v projections
   L{i}.v           value vectors, [tokens, kv_heads, head_dim]
-  L{i}.attn_probs  attention probabilities [batch, heads, queries, keys] (see probe.attention)
+  L{i}.attn_probs  attention probabilities [batch, heads, queries, keys] (see probe.attention; read only)
   L{i}.o_in        per-head attention output fed to o, [tokens, heads, head_dim]
   L{i}.resid_mid   residual stream after attention (the input of the pre-MLP norm)
   L{i}.mlp_in      normed input of the MLP
@@ -13,7 +14,14 @@ Per layer i:
   L{i}.up          output of up_proj (gated MLPs only)
   L{i}.down_in     the intermediate fed to down_proj (act * up, or act)
   L{i}.resid_out   residual stream leaving the block
-and `final_norm`, `logits`.
+and `final_norm`, `logits`. Every projection also has its own input and output site, `L{i}.<role>_in` and
+`L{i}.<role>_out` (role q, k, v or qkv, o, gate, up, down): q_in, k_in and v_in all see attn_in's tensor,
+but an edit at q_in changes only what q reads. `o_out` and `down_out` are the attention and MLP sublayer
+outputs (before a post-norm, where the family has one). These are not profiled unless asked for.
+
+A site reads its tensor with `read` (the view statistics consume) and is edited through `view` / `put`: the
+flat [..., channels] tensor at the site, and the captured object with that tensor replaced. A site with
+`heads` = (count, head_dim) lays its channels out head after head.
 """
 
 from __future__ import annotations
@@ -27,10 +35,12 @@ from torch import nn
 
 from actlab.errors import ConfigError
 from actlab.models.adapter import ModelAdapter
+from actlab.models.keys import projection_key, projection_site, site_key
 
 LAYER_SITE_KINDS = ("resid_in", "attn_in", "v", "attn_probs", "o_in", "resid_mid", "mlp_in", "gate", "act", "up",
                     "down_in", "resid_out")
 GLOBAL_SITE_KINDS = ("final_norm", "logits")
+READ_ONLY_KINDS = ("attn_probs",)
 
 
 @dataclass(frozen=True)
@@ -40,11 +50,33 @@ class Site:
     layer: int | None
     module: nn.Module
     capture: str  # "input" (forward pre-hook, first argument) or "output" (forward hook)
+    channels: int = 0  # width of the flat [tokens, channels] view
     # turns the raw captured object into the site's tensor (tuple element, fused slice, head split)
     select: Callable[[object], torch.Tensor] | None = None
+    rows: tuple[int, int] | None = None  # a block of a fused module's output (GPT-2's v inside c_attn)
+    heads: tuple[int, int] | None = None  # (heads, head_dim) of a head-structured site
+    projection: str | None = None  # the projection key of a projection site ("L3.q")
 
     def read(self, captured: object) -> torch.Tensor:
         return self.select(captured) if self.select else _first(captured)
+
+    @property
+    def writable(self) -> bool:
+        return self.kind not in READ_ONLY_KINDS
+
+    def view(self, captured: object) -> torch.Tensor:
+        """The site's tensor with its channels flat in the last dimension (batch and positions as captured)."""
+        t = _first(captured)
+        return t if self.rows is None else t[..., self.rows[0] : self.rows[1]]
+
+    def put(self, captured: object, new: torch.Tensor) -> object:
+        """`captured` with the site's tensor replaced by `new` (same shape as `view(captured)`)."""
+        t = _first(captured)
+        if self.rows is not None:
+            new = torch.cat([t[..., : self.rows[0]], new, t[..., self.rows[1] :]], dim=-1)
+        if isinstance(captured, tuple):
+            return (new, *captured[1:])
+        return new
 
 
 def _first(obj: object) -> torch.Tensor:
@@ -52,53 +84,87 @@ def _first(obj: object) -> torch.Tensor:
 
 
 def all_sites(adapter: ModelAdapter) -> list[Site]:
+    """Every site of the model: per layer the named sites in forward order, then its projection sites."""
     sites: list[Site] = []
     hd, nh, nkv = adapter.head_dim, adapter.num_heads, adapter.num_kv_heads
+    d, ffn = adapter.hidden_size, adapter.intermediate_size
     for layer in adapter.layers:
         i = layer.index
         v_view = layer.head_projections["v"]
-        v_rows = v_view.rows
 
-        def v_select(out, rows=v_rows, nkv=nkv, hd=hd):
+        def v_select(out, rows=v_view.rows, nkv=nkv, hd=hd):
             t = _first(out)
             if rows is not None:
                 t = t[..., rows[0] : rows[1]]
             return t.reshape(-1, nkv, hd)
 
-        entries = [
-            ("resid_in", layer.module, "input", None),
-            ("attn_in", layer.attn_norm, "output", None),
-            ("v", v_view.module, "output", v_select),
-            ("attn_probs", layer.attn, "output", lambda out: out[1]),
-            ("o_in", layer.linears["o"].module, "input", lambda x, nh=nh, hd=hd: _first(x).reshape(-1, nh, hd)),
-            ("resid_mid", layer.mlp_norm, "input", None),
-            ("mlp_in", layer.mlp_norm, "output", None),
-            ("gate", layer.linears["gate"].module, "output", None),
-            ("act", layer.act_fn, "output", None),
-            ("up", layer.linears["up"].module if layer.gated_mlp else None, "output", None),
-            ("down_in", layer.linears["down"].module, "input", None),
-            ("resid_out", layer.module, "output", None),
+        def o_select(x, nh=nh, hd=hd):
+            return _first(x).reshape(-1, nh, hd)
+
+        up = layer.linears["up"].module if layer.gated_mlp else None
+        named = [  # kind, module, capture, channels, select, rows, heads
+            ("resid_in", layer.module, "input", d, None, None, None),
+            ("attn_in", layer.attn_norm, "output", d, None, None, None),
+            ("v", v_view.module, "output", nkv * hd, v_select, v_view.rows, (nkv, hd)),
+            ("attn_probs", layer.attn, "output", 0, lambda out: out[1], None, None),
+            ("o_in", layer.linears["o"].module, "input", nh * hd, o_select, None, (nh, hd)),
+            ("resid_mid", layer.mlp_norm, "input", d, None, None, None),
+            ("mlp_in", layer.mlp_norm, "output", d, None, None, None),
+            ("gate", layer.linears["gate"].module, "output", ffn, None, None, None),
+            ("act", layer.act_fn, "output", ffn, None, None, None),
+            ("up", up, "output", ffn, None, None, None),
+            ("down_in", layer.linears["down"].module, "input", ffn, None, None, None),
+            ("resid_out", layer.module, "output", d, None, None, None),
         ]
-        sites += [Site(f"L{i}.{kind}", kind, i, mod, cap, sel) for kind, mod, cap, sel in entries if mod is not None]
-    sites.append(Site("final_norm", "final_norm", None, adapter.final_norm, "output"))
-    sites.append(Site("logits", "logits", None, adapter.lm_head, "output"))
+        sites += [Site(site_key(i, kind), kind, i, mod, cap, ch, sel, rows, heads)
+                  for kind, mod, cap, ch, sel, rows, heads in named if mod is not None]
+        have = {s.name for s in sites}
+        for role, lin in layer.linears.items():
+            key = projection_key(i, role)
+            head_layout = {"q": (nh, hd), "k": (nkv, hd), "v": (nkv, hd)}.get(role)
+            for side, capture, width, heads in (("in", "input", lin.in_features, (nh, hd) if role == "o" else None),
+                                                ("out", "output", lin.out_features, head_layout)):
+                name = projection_site(key, side)
+                if name not in have:
+                    sites.append(Site(name, f"{role}_{side}", i, lin.module, capture, width, heads=heads,
+                                      projection=key))
+    sites.append(Site("final_norm", "final_norm", None, adapter.final_norm, "output", d))
+    sites.append(Site("logits", "logits", None, adapter.lm_head, "output", adapter.vocab_size))
     return sites
 
 
 def site_channels(site: Site, adapter: ModelAdapter) -> int:
     """Channels of a site's [tokens, channels] view (heads flattened), known before any forward pass."""
-    return {
-        "v": adapter.num_kv_heads * adapter.head_dim,
-        "o_in": adapter.num_heads * adapter.head_dim,
-        "gate": adapter.intermediate_size, "act": adapter.intermediate_size, "up": adapter.intermediate_size,
-        "down_in": adapter.intermediate_size,
-        "logits": adapter.vocab_size,
-    }.get(site.kind, adapter.hidden_size)
+    return site.channels
 
 
 def default_site_names(adapter: ModelAdapter) -> list[str]:
-    """Every site except the redundant L{i}.resid_in for i > 0 (it equals L{i-1}.resid_out)."""
-    return [s.name for s in all_sites(adapter) if not (s.kind == "resid_in" and s.layer)]
+    """What a profile reads by default: the named sites (not the per-projection aliases), without the redundant
+    L{i}.resid_in for i > 0 (it equals L{i-1}.resid_out)."""
+    return [s.name for s in all_sites(adapter)
+            if (s.kind in LAYER_SITE_KINDS or s.kind in GLOBAL_SITE_KINDS) and not (s.kind == "resid_in" and s.layer)]
+
+
+def site_index(adapter: ModelAdapter) -> dict[str, Site]:
+    """Every site by name (memoised on the adapter: the modules do not change under a loaded model)."""
+    memo = adapter.__dict__.get("_actlab_sites")
+    if memo is None:
+        memo = {s.name: s for s in all_sites(adapter)}
+        adapter.__dict__["_actlab_sites"] = memo
+    return memo
+
+
+def get_site(adapter: ModelAdapter, name: str, writable: bool = False) -> Site:
+    """The site `name`, or a one-line error naming the valid ones."""
+    sites = site_index(adapter)
+    site = sites.get(name)
+    if site is None:
+        raise ConfigError(f"unknown site {name!r}; sites are L<0..{adapter.num_layers - 1}>.<kind> with kind one of "
+                          f"{', '.join(sorted({s.kind for s in sites.values() if s.layer is not None}))}, "
+                          "and final_norm, logits")
+    if writable and not site.writable:
+        raise ConfigError(f"site {name!r} can be read but not edited")
+    return site
 
 
 def select_sites(adapter: ModelAdapter, patterns: Iterable[str] | str | None) -> list[Site]:
@@ -117,5 +183,6 @@ def select_sites(adapter: ModelAdapter, patterns: Iterable[str] | str | None) ->
     if unmatched:
         kinds = ", ".join(LAYER_SITE_KINDS + GLOBAL_SITE_KINDS)
         raise ConfigError(f"site pattern(s) {', '.join(unmatched)} match no site of this model; "
-                          f"sites are L<i>.<kind> with kind one of {kinds}, and final_norm, logits")
+                          f"sites are L<i>.<kind> with kind one of {kinds} (and <role>_in / <role>_out of every "
+                          "projection), and final_norm, logits")
     return chosen

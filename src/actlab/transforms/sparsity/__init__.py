@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 from actlab.errors import ConfigError
-from actlab.transforms.sparsity.base import MaskRule, Sparsifier, SparsityRecipe, check_target
-from actlab.transforms.sparsity.calibration import CalibrationData
+from actlab.transforms.sparsity.attach import SparsityMeter, attach
+from actlab.transforms.sparsity.base import Sparsifier
+from actlab.transforms.sparsity.budget import check_target
 from actlab.transforms.sparsity.cats import Cats
 from actlab.transforms.sparsity.chess import Chess
 from actlab.transforms.sparsity.coreinfer import CoreInfer
 from actlab.transforms.sparsity.loss_aware import LossAware
 from actlab.transforms.sparsity.magnitude import Magnitude
-from actlab.transforms.sparsity.masking import SparsityMeter, attach
+from actlab.transforms.sparsity.recipe import MaskRule, SparsityRecipe
+from actlab.transforms.sparsity.refine import REFINE_STEPS, calibrate
 from actlab.transforms.sparsity.rsparse import RSparse
+from actlab.transforms.sparsity.scores import SparsityCalibration
 from actlab.transforms.sparsity.stat_topk import StatTopK
 from actlab.transforms.sparsity.teal import Teal
 from actlab.transforms.sparsity.wina import Wina
 
-METHODS: dict[str, type[Sparsifier]] = {cls.name: cls for cls in (Teal, Cats, Chess, Wina, StatTopK, Magnitude, RSparse, CoreInfer,
-                                                                 LossAware)}
+METHODS: dict[str, type[Sparsifier]] = {cls.name: cls for cls in (Teal, Cats, Chess, Wina, StatTopK, Magnitude, RSparse,
+                                                                 CoreInfer, LossAware)}
+# methods whose rules the decode engine cannot run (low-rank paths, prompt-chosen cores): hooks only
+HOOKS_ONLY = {"rsparse", "coreinfer"}
+CalibrationData = SparsityCalibration  # the name round 1's API used
 
 
 def get_method(name: str, **params) -> Sparsifier:
@@ -29,28 +35,5 @@ def get_method(name: str, **params) -> Sparsifier:
         raise ConfigError(f"bad parameters for {name}: {exc}") from exc
 
 
-REFINE_STEPS = 1
-
-
-def calibrate(method: str | Sparsifier, calib: CalibrationData, target: float, refine: int = REFINE_STEPS,
-              **params) -> SparsityRecipe:
-    """Calibrate `method` to `target` effective sparsity.
-
-    Thresholds fitted on the dense model drop more than planned once upstream layers are sparse (their
-    inputs shrink); each refinement step re-fits the method on histograms recorded under the current
-    recipe, so the budget is met by the sparse model itself. `refine=0` is the methods' original
-    dense-only calibration."""
-    sparsifier = get_method(method, **params) if isinstance(method, str) else method
-    target = check_target(target)
-    recipe = sparsifier.calibrate(calib, target)
-    for step in range(refine if target > 0 else 0):
-        if all(rule.kind in ("topk", "core") for rule in recipe.rules.values()):
-            break  # exact per-token (or per-sentence) top-k: nothing to refit
-        previous, recipe = recipe, sparsifier.calibrate(calib.sparse_view(recipe), target)
-        recipe.calibration = {**previous.calibration, **recipe.calibration}  # e.g. the losses that chose a variant
-        recipe.calibration["refined"] = step + 1
-    return recipe
-
-
-__all__ = ["METHODS", "CalibrationData", "MaskRule", "Sparsifier", "SparsityMeter", "SparsityRecipe", "attach",
-           "calibrate", "check_target", "get_method"]
+__all__ = ["HOOKS_ONLY", "METHODS", "REFINE_STEPS", "CalibrationData", "MaskRule", "SparsityCalibration", "Sparsifier",
+           "SparsityMeter", "SparsityRecipe", "attach", "calibrate", "check_target", "get_method"]

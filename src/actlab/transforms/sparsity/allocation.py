@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from actlab.errors import ConfigError
-from actlab.transforms.sparsity.calibration import ScoreHistogram
+from actlab.transforms.sparsity.scores import ScoreHistogram
 
 
 def subset_fraction(target: float, params: dict[str, int], subset: list[str], method: str) -> float:

@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from actlab.transforms.sparsity.allocation import subset_fraction
-from actlab.transforms.sparsity.base import MaskRule, Sparsifier, build_recipe, projection_keys, projection_params
+from actlab.transforms.sparsity.base import Sparsifier
+from actlab.transforms.sparsity.budget import projection_keys, projection_params
+from actlab.transforms.sparsity.recipe import MaskRule, build_recipe
 
 
 @dataclass

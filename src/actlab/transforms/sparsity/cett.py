@@ -24,8 +24,10 @@ import torch
 
 from actlab.eval.perplexity import perplexity
 from actlab.progress import track
-from actlab.transforms.sparsity.base import MaskRule, SparsityRecipe, model_fingerprint, projection_params, split_key
+from actlab.models.keys import projection_key, split_key
+from actlab.transforms.sparsity.budget import projection_params
 from actlab.transforms.sparsity.harness import evaluate
+from actlab.transforms.sparsity.recipe import MaskRule, SparsityRecipe, model_fingerprint
 
 BISECTION_STEPS = 22
 
@@ -79,7 +81,7 @@ def collect_layers(calib, tokens: int = 2048) -> list[CettLayer]:
 
 def recipe_for(calib, layers: list[CettLayer], c: float) -> SparsityRecipe:
     lm = calib.lm
-    rules = {f"L{i}.down": MaskRule(threshold=layer.threshold_for(c), scale=layer.norms.tolist())
+    rules = {projection_key(i, "down"): MaskRule(threshold=layer.threshold_for(c), scale=layer.norms.tolist())
              for i, layer in enumerate(layers)}
     return SparsityRecipe("cett", 0.0, model_fingerprint(lm.adapter, lm.name), rules, params={"cett": c},
                           calibration=calib.describe())

@@ -9,8 +9,8 @@ import torch
 
 from actlab.eval.perplexity import perplexity
 from actlab.models.loader import LoadedModel
-from actlab.transforms.sparsity.base import SparsityRecipe
-from actlab.transforms.sparsity.masking import SparsityMeter, attach
+from actlab.transforms.sparsity.attach import SparsityMeter, attach
+from actlab.transforms.sparsity.recipe import SparsityRecipe
 
 
 @dataclass

@@ -43,8 +43,9 @@ import torch
 
 from actlab.errors import ConfigError
 from actlab.transforms.sparsity.allocation import global_threshold
-from actlab.transforms.sparsity.base import (MaskRule, Sparsifier, SparsityRecipe, build_recipe, projection_keys,
-                                             projection_params)
+from actlab.transforms.sparsity.base import Sparsifier
+from actlab.transforms.sparsity.budget import projection_keys, projection_params
+from actlab.transforms.sparsity.recipe import MaskRule, SparsityRecipe, build_recipe
 
 SENSITIVITIES = ("mean-square", "typical")
 RULES = ("threshold", "topk", "relative")
@@ -54,7 +55,7 @@ SHRINKAGES = (0.0, 0.25, 0.5, 0.75)  # toward the uniform allocation
 def calibration_loss(calib, recipe: SparsityRecipe, windows: torch.Tensor) -> float:
     """Mean next-token loss on `windows` with `recipe` attached."""
     from actlab.eval.perplexity import perplexity
-    from actlab.transforms.sparsity.masking import attach
+    from actlab.transforms.sparsity.attach import attach
 
     with attach(calib.lm, recipe):
         return perplexity(calib.lm, windows, batch_size=1, progress=False).nll

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from actlab.transforms.sparsity.base import (MaskRule, Sparsifier, build_recipe, lowrank_cost, projection_keys,
-                                             projection_view, projection_shapes)
-from actlab.transforms.sparsity.masking import lowrank_factors
+from actlab.transforms.sparsity.attach import lowrank_factors
+from actlab.transforms.sparsity.base import Sparsifier
+from actlab.transforms.sparsity.budget import lowrank_cost, projection_keys, projection_shapes, projection_view
+from actlab.transforms.sparsity.recipe import MaskRule, build_recipe
 
 
 def split_error(samples: torch.Tensor, weight: torch.Tensor, us: torch.Tensor, vt: torch.Tensor,

@@ -8,8 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from statistics import NormalDist
 
-from actlab.transforms.sparsity.base import MaskRule, Sparsifier, build_recipe, projection_keys
-from actlab.transforms.sparsity.calibration import Z_EDGES, z_for_fraction
+from actlab.transforms.sparsity.base import Sparsifier
+from actlab.transforms.sparsity.budget import projection_keys
+from actlab.transforms.sparsity.recipe import MaskRule, build_recipe
+from actlab.transforms.sparsity.scores import Z_EDGES, z_for_fraction
 
 
 @dataclass

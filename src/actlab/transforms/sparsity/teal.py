@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from actlab.progress import track
-from actlab.transforms.sparsity.base import (MaskRule, Sparsifier, SparsityRecipe, build_recipe, model_fingerprint,
-                                             projection_keys)
-from actlab.transforms.sparsity.masking import attach
+from actlab.transforms.sparsity.attach import attach
+from actlab.transforms.sparsity.base import Sparsifier
+from actlab.transforms.sparsity.budget import projection_keys
+from actlab.transforms.sparsity.recipe import MaskRule, SparsityRecipe, build_recipe, model_fingerprint
 
 
 def _layer_output(module, call) -> torch.Tensor:

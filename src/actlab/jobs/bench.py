@@ -9,40 +9,15 @@ from typing import Any
 
 import torch
 
-from actlab.data import load_corpus
 from actlab.engine.decode import DecodeEngine
+from actlab.engine.reference import FirstStepClock, hf_generate, prompt_ids
 from actlab.errors import ConfigError
+from actlab.calib import CalibrationSet
 from actlab.models import load_model
-from actlab.transforms.sparsity import CalibrationData, SparsityRecipe, calibrate
+from actlab.transforms import Recipe, load_recipe
+from actlab.transforms.sparsity import HOOKS_ONLY, METHODS, calibrate, check_target, get_method
 
 BEST_METHOD = "loss-aware"
-PROMPT_TOKENS = 32
-
-
-def prompt_ids(lm, length: int = PROMPT_TOKENS) -> list[int]:
-    """A fixed prompt: the first `length` tokens of the evaluation half of the built-in corpus."""
-    return lm.tokenizer(load_corpus(None, role="eval").text[:4000], verbose=False)["input_ids"][:length]
-
-
-class _FirstStepClock:
-    """A logits processor that notes when generate finished the prefill (its first call)."""
-
-    def __init__(self):
-        self.t: float | None = None
-
-    def __call__(self, input_ids, scores):
-        if self.t is None:
-            self.t = time.perf_counter()
-        return scores
-
-
-def hf_generate(lm, ids: list[int], tokens: int, clock: _FirstStepClock | None = None) -> list[int]:
-    from transformers import LogitsProcessorList
-
-    out = lm.model.generate(torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                            pad_token_id=lm.tokenizer.pad_token_id or 0,
-                            logits_processor=LogitsProcessorList([clock] if clock else []))
-    return out[0, len(ids):].tolist()
 
 
 def bench_decode(model: str, method: str | None = None, sparsity: float = 0.5, recipe_path: str | None = None,
@@ -50,14 +25,19 @@ def bench_decode(model: str, method: str | None = None, sparsity: float = 0.5, r
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     if reps < 1 or tokens < 2:
         raise ConfigError("need at least 1 repetition and 2 tokens")
+    method = method or BEST_METHOD
+    if recipe_path is None:
+        check_target(sparsity)
+        get_method(method)
+        if method in HOOKS_ONLY:
+            raise ConfigError(f"the decode engine cannot run {method} recipes (low-rank paths or prompt-chosen cores); "
+                              f"engine methods: {', '.join(m for m in METHODS if m not in HOOKS_ONLY)}")
+    recipe = load_recipe(recipe_path) if recipe_path is not None else None
     lm = load_model(model, log_fn=log)
     torch.manual_seed(0)
-    if recipe_path is not None:
-        recipe = SparsityRecipe.load(recipe_path)
-    else:
-        method = method or BEST_METHOD
+    if recipe is None:
         log(f"calibrating {method} to {sparsity:.0%} on {calib or 'python-docs'} ...")
-        data = CalibrationData.from_corpus(lm, calib, seq_len=512, windows=calib_windows)
+        data = CalibrationSet.from_corpus(lm, calib, seq_len=512, windows=calib_windows)
         recipe = calibrate(method, data, sparsity)
     ids = prompt_ids(lm)
     dense, sparse = DecodeEngine(lm, max_len=len(ids) + tokens + 1), DecodeEngine(lm, recipe, len(ids) + tokens + 1)
@@ -68,7 +48,7 @@ def bench_decode(model: str, method: str | None = None, sparsity: float = 0.5, r
     outputs: dict[str, list[int]] = {}
 
     def run_hf():
-        clock = _FirstStepClock()
+        clock = FirstStepClock()
         t = time.perf_counter()
         outputs["hf"] = hf_generate(lm, ids, tokens, clock)
         end = time.perf_counter()
@@ -94,7 +74,8 @@ def bench_decode(model: str, method: str | None = None, sparsity: float = 0.5, r
     linear_fp32 = dense.weight_bytes_per_token() - head
     fp32_head = lm.adapter.lm_head.weight.numel() * 4
     result = {
-        "model": lm.name, "method": recipe.method, "target_sparsity": recipe.target, "tokens": tokens, "reps": reps,
+        "model": lm.name, "recipe": recipe.describe(), "method": recipe.method,
+        "target_sparsity": getattr(recipe, "target", None), "tokens": tokens, "reps": reps,
         "threads": torch.get_num_threads(), "prompt_tokens": len(ids),
         "hf_tok_s": statistics.median(runs["hf"]), "dense_tok_s": statistics.median(runs["dense"]),
         "sparse_tok_s": statistics.median(runs["sparse"]), "achieved_sparsity": achieved,
@@ -113,7 +94,7 @@ def bench_decode(model: str, method: str | None = None, sparsity: float = 0.5, r
     return result
 
 
-def profile_step(model: str, recipe: SparsityRecipe | None, tokens: int = 32, log=print) -> str:
+def profile_step(model: str, recipe: Recipe | None, tokens: int = 32, log=print) -> str:
     """Where a decode step's time goes (cProfile of the engine's generate), as text."""
     import cProfile
     import io

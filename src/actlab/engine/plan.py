@@ -1,0 +1,53 @@
+"""Lowering a (composed) recipe to what the decode engine does per layer and per projection.
+
+The engine runs activation-sparsity rules inside its GEMV kernels (threshold, top-k, relative, statistical),
+output biases, and removed blocks and sublayers (skipped, with their KV cache). Anything else is refused
+with a one-line error naming the recipe, before any weight is laid out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from actlab.errors import ConfigError
+from actlab.transforms.compose import members, validate
+from actlab.transforms.layers import LayerRecipe
+from actlab.transforms.sparsity import MaskRule, SparsityRecipe
+
+
+@dataclass
+class EnginePlan:
+    recipe: Any = None  # what prefill attaches to the HF model (the masked reference)
+    rules: dict[str, MaskRule] = field(default_factory=dict)  # projection key -> rule (act rules keyed by down)
+    bias: dict[str, list[float]] = field(default_factory=dict)
+    skip_blocks: set[int] = field(default_factory=set)
+    skip_attn: set[int] = field(default_factory=set)
+    skip_mlp: set[int] = field(default_factory=set)
+    sparsity: list[SparsityRecipe] = field(default_factory=list)
+
+    @classmethod
+    def lower(cls, lm: Any, recipe: Any | None) -> EnginePlan:
+        if recipe is None:
+            return cls()
+        validate(recipe, lm)
+        plan = cls(recipe=recipe)
+        for part in members(recipe):
+            if isinstance(part, SparsityRecipe):
+                for key, rule in part.rules.items():
+                    if rule.kind == "core" or rule.rank:
+                        raise ConfigError(
+                            f"the decode engine runs threshold, top-k and statistical rules; {key} is a "
+                            f"{'core-neuron' if rule.kind == 'core' else 'low-rank'} rule ({part.method}): "
+                            "evaluate it with actlab.transforms.sparsity.attach instead")
+                plan.rules.update(part.rules)
+                plan.bias.update(part.bias)
+                plan.sparsity.append(part)
+            elif isinstance(part, LayerRecipe):
+                plan.skip_blocks.update(part.blocks())
+                for i, sub in part.sublayers():
+                    (plan.skip_attn if sub == "attn" else plan.skip_mlp).add(i)
+            else:
+                raise ConfigError(f"the decode engine cannot run {part.describe()} yet (it runs sparsity and layer "
+                                  "recipes); evaluate it through hooks with `actlab eval`")
+        return plan

@@ -1,0 +1,29 @@
+"""The one setup every job shares: a model, evaluation windows, a calibration set."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from actlab.calib import CalibrationSet
+from actlab.data import Corpus, WindowSpec, load_corpus, make_windows
+from actlab.models import LoadedModel, load_model
+
+
+def model(spec: str, log: Callable[[str], None] = print) -> LoadedModel:
+    return load_model(spec, log_fn=log)
+
+
+def eval_windows(lm: LoadedModel, data: str | None, seq_len: int, windows: int | None,
+                 role: str = "eval") -> tuple[Corpus, torch.Tensor]:
+    """The evaluation corpus (its evaluation part by default) cut into `windows` windows of `seq_len` tokens."""
+    corpus = load_corpus(data, role=role)  # type: ignore[arg-type]
+    spec = WindowSpec(seq_len=seq_len, num_windows=windows)
+    return corpus, make_windows(lm.tokenizer, corpus, spec, lm.max_context)
+
+
+def calibration(lm: LoadedModel, data: str | None, seq_len: int, windows: int, **kw: Any) -> CalibrationSet:
+    """The calibration set on the calibration part of `data` (see actlab.data.sources for roles)."""
+    return CalibrationSet.from_corpus(lm, data, seq_len=seq_len, windows=windows, **kw)

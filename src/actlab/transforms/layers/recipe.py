@@ -1,0 +1,172 @@
+"""The layer recipe: whole decoder blocks and attention / MLP sublayers removed.
+
+A removed block passes its input through unchanged (an edit at L{i}.resid_out that returns L{i}.resid_in's
+tensor); a removed sublayer contributes nothing to the residual stream (its output projection's output is
+zeroed, bias included, which a post-norm maps to zero as well). It exports into weights: an HF directory
+without the removed blocks (every per-layer config field cut to match), removed sublayers as zeroed output
+projections.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from actlab import schema
+from actlab.errors import ConfigError
+from actlab.models.keys import layer_key, layer_of, projection_key, projection_site, site_key
+from actlab.probe.edit import Edit, Editor, zero
+from actlab.transforms.base import Claim, Recipe, register_recipe
+
+PART = re.compile(r"^L(\d+)(?:\.(attn|mlp))?$")
+ATTENTION_ROLES = ("q", "k", "v", "qkv", "o")
+MLP_ROLES = ("gate", "up", "down")
+
+
+@register_recipe
+@dataclass
+class LayerRecipe(Recipe):
+    method: str
+    model: dict[str, Any]
+    drop: list[str]  # "L3" (a block), "L3.attn", "L3.mlp" (a sublayer)
+    target: float = 0.0  # the fraction of non-embedding parameters the method was asked to remove
+    params: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    family = "layers"
+
+    def __post_init__(self) -> None:
+        for part in self.drop:
+            if not PART.match(part):
+                raise ConfigError(f"drop: {part!r} is not a block (L<i>) or a sublayer (L<i>.attn, L<i>.mlp)")
+        if len(set(self.drop)) != len(self.drop):
+            raise ConfigError("drop: a part is listed twice")
+        blocks = {p for p in self.drop if "." not in p}
+        inside = [p for p in self.drop if "." in p and p.split(".")[0] in blocks]
+        if inside:
+            raise ConfigError(f"drop: {inside[0]} is inside a block that is removed as a whole")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerRecipe:
+        return schema.build(cls, d, "layer recipe")
+
+    def describe(self) -> str:
+        return f"layers:{self.method}[{','.join(self.drop)}]"
+
+    # -- parts ---------------------------------------------------------------------------------------
+    def blocks(self) -> list[int]:
+        return sorted(layer_of(p) for p in self.drop if "." not in p)
+
+    def sublayers(self) -> list[tuple[int, str]]:
+        return sorted((layer_of(p), p.split(".")[1]) for p in self.drop if "." in p)
+
+    def check_parts(self, adapter: Any) -> None:
+        n = adapter.num_layers
+        for part in self.drop:
+            if layer_of(part) >= n:
+                raise ConfigError(f"drop: {part} is out of range (the model has layers 0-{n - 1})")
+        if len(self.blocks()) >= n:
+            raise ConfigError(f"drop: removing all {n} blocks leaves no model")
+
+    def removed_projections(self, adapter: Any) -> list[str]:
+        out = []
+        for layer in adapter.layers:
+            i = layer.index
+            for role in layer.linears:
+                part = "attn" if role in ATTENTION_ROLES else "mlp"
+                if layer_key(i) in self.drop or f"{layer_key(i)}.{part}" in self.drop:
+                    out.append(projection_key(i, role))
+        return out
+
+    # -- behaviour ---------------------------------------------------------------------------------------
+    def attach(self, lm: Any, stack: contextlib.ExitStack) -> None:
+        self.check_parts(lm.adapter)
+        edits = []
+        for i in self.blocks():
+            held: dict[str, torch.Tensor] = {}
+            edits.append(Edit(site_key(i, "resid_in"), _remember(held)))
+            edits.append(Edit(site_key(i, "resid_out"), _recall(held)))
+        for i, part in self.sublayers():
+            role = "o" if part == "attn" else "down"
+            edits.append(Edit(projection_site(projection_key(i, role), "out"), zero()))
+        stack.enter_context(Editor(lm, edits))
+
+    def claims(self, lm: Any) -> list[Claim]:
+        self.check_parts(lm.adapter)
+        return [Claim(f"layer:{p}", "drop") for p in self.drop]
+
+    def apply_cost(self, ledger: Any, lm: Any) -> None:
+        for key in self.removed_projections(lm.adapter):
+            ledger.parts[key].present = False
+        for i in self.blocks():
+            ledger.kv[layer_key(i)].present = False
+        for i, part in self.sublayers():
+            if part == "attn":
+                ledger.kv[layer_key(i)].present = False
+
+    def export_hf(self, lm: Any) -> str:
+        return "weights"
+
+    def fold_into(self, lm: Any, model: Any) -> Any:
+        """`model` (a copy of lm.model) with the removed blocks taken out and the removed sublayers' output
+        projections zeroed; its config cut to the kept layers."""
+        from actlab.models.adapter import adapter_for
+
+        self.check_parts(lm.adapter)
+        adapter = adapter_for(model)
+        with torch.no_grad():
+            for i, part in self.sublayers():
+                lin = adapter.layers[i].linears["o" if part == "attn" else "down"]
+                lin.module.weight.zero_()
+                if getattr(lin.module, "bias", None) is not None:
+                    lin.module.bias.zero_()
+        removed = set(self.blocks())
+        if removed:
+            remove_blocks(model, adapter, removed)
+        return model
+
+
+def _remember(held: dict[str, torch.Tensor]):
+    def op(x, ctx):
+        held["x"] = x
+        return x
+    return op
+
+
+def _recall(held: dict[str, torch.Tensor]):
+    return lambda x, ctx: held.pop("x")
+
+
+def remove_blocks(model: Any, adapter: Any, removed: set[int]) -> None:
+    """Take decoder blocks out of an HF model in place: the layer list, every per-layer config field (lists with
+    one entry per layer, e.g. Gemma-3's layer_types) and the layer indices the attention modules use for the
+    KV cache."""
+    n = adapter.num_layers
+    kept = [i for i in range(n) if i not in removed]
+    container, name = _parent(model, adapter.spec.layers)
+    layers = getattr(container, name)
+    setattr(container, name, torch.nn.ModuleList([layers[i] for i in kept]))
+    config = model.config
+    for key, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == n and not key.startswith("_"):
+            setattr(config, key, [value[i] for i in kept])
+    for attr in ("num_hidden_layers", "n_layer"):
+        if hasattr(config, attr):
+            setattr(config, attr, len(kept))
+    for new_index, layer in enumerate(getattr(container, name)):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+
+
+def _parent(root: Any, path: str) -> tuple[Any, str]:
+    from actlab.models.adapter import resolve
+
+    head, _, last = path.rpartition(".")
+    return (resolve(root, head) if head else root), last
