@@ -122,7 +122,8 @@ def sparsify_cmd(
     seq_len: Annotated[int, typer.Option("--seq-len")] = 1024,
     windows: Annotated[int, typer.Option(help="evaluation windows")] = 16,
     calib_windows: Annotated[int, typer.Option("--calib-windows")] = 16,
-    positions: Annotated[str, typer.Option(help="all (decode-like: every token) | last-half (TEAL's protocol)")] = "all",
+    positions: Annotated[Optional[str], typer.Option(help="all (decode-like: every token) | last-half (TEAL's protocol); "
+                                                      "default: all, or what --recipe records")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="evaluate a saved recipe instead of calibrating")] = None,
     save: Annotated[Optional[str], typer.Option(help="save the recipe (.json or .yaml)")] = None,
     list_methods: Annotated[bool, typer.Option("--list-methods", help="list the methods and exit")] = False,
@@ -146,6 +147,67 @@ def sparsify_cmd(
     _emit(out, as_json, f"{out['model']} {out['method']} target {out['target_sparsity']:.2f}: achieved "
                         f"{out['achieved_sparsity']:.3f}, ppl {out['dense_ppl']:.3f} dense -> {out['sparse_ppl']:.3f} "
                         f"sparse ({out['ppl_increase']:+.1%}) on {out['eval_data']}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: ModelOpt = "smollm2-135m",
+    recipe: Annotated[Optional[list[str]], typer.Option(help="a recipe file to evaluate beside dense (repeat for more "
+                                                              "columns; a composed recipe file is one column)")] = None,
+    tasks: Annotated[str, typer.Option(help="comma-separated task names or task YAML files")] =
+        "wikitext2,lambada,arc_easy,arc_challenge,piqa,hellaswag",
+    limit: Annotated[Optional[int], typer.Option(help="the first N items of each task (windows for perplexity tasks)")] = None,
+    out: Annotated[Optional[str], typer.Option(help="write results.json, per-item records and compare.html here")] = None,
+    speed: Annotated[bool, typer.Option("--speed", help="also measure decode tokens/s and memory on the engine")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate the dense model and every recipe on the same items: perplexity and zero-shot tasks (lm-eval's
+    prompts and metrics), each with a standard error; a Δ column per recipe with the paired error."""
+    from actlab.jobs.eval import eval_job
+
+    result = eval_job(model, recipe or [], tasks=tasks, limit=limit, out=out, speed=speed, log=_log)
+    if as_json:
+        print(json.dumps(result.to_dict()))
+        return
+    print(result.table())
+    for col in result.columns[1:]:
+        extra = " ".join(f"{k} {v:.3f}" for k, v in col.measured.items())
+        print(f"{col.name}: {col.recipe.describe()}; {extra}")
+    for col in result.columns:
+        if col.speed.get("decode_tok_s"):
+            print(f"{col.name}: decode {col.speed['decode_tok_s']:.1f} tok/s, engine {col.speed['engine_mb']:.0f} MB")
+    if out:
+        print(f"-> {Path(out) / 'compare.html'}")
+
+
+@app.command("compose")
+def compose_cmd(
+    recipes: Annotated[list[str], typer.Argument(help="recipe files, applied in this order")],
+    out: Annotated[str, typer.Option(help="the composed recipe file (.json or .yaml)")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="also validate the composition against this model")] = None,
+) -> None:
+    """Compose recipes of any families into one recipe file (validated: same model, parts that can stack)."""
+    from actlab.jobs.export import compose_job
+
+    recipe = compose_job(recipes, out, model=model, log=_log)
+    print(f"{recipe.describe()} -> {out}")
+
+
+@app.command("export")
+def export_cmd(
+    model: ModelOpt = "smollm2-135m",
+    recipe: Annotated[Optional[str], typer.Option(help="a recipe to export with the model (none: the dense model)")] = None,
+    out: Annotated[str, typer.Option(help="the directory to create (HF) or the .gguf file to write")] = "",
+    fmt: Annotated[str, typer.Option("--format", help="hf | gguf")] = "hf",
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a model (with a recipe) as a Hugging Face directory or a GGUF file. What a recipe can fold into
+    weights is folded; a runtime transform (activation sparsity, interventions) is saved beside the weights:
+    actlab.load_model re-attaches it, plain transformers runs the model without it."""
+    from actlab.jobs.export import export_job
+
+    report = export_job(model, recipe, out, fmt=fmt, log=_log)
+    _emit(report, as_json, "\n".join(report["notes"] + [f"-> {report['path']}"]))
 
 
 @app.command("sparsity-at-ppl")

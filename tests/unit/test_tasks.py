@@ -1,84 +1,210 @@
-"""Zero-shot scoring against an independent, one-request-at-a-time computation with full logits."""
+"""Evaluation tasks and scoring: YAML tasks as data, scores against an independent one-request-at-a-time
+computation with full logits, lm-eval's metric definitions recomputed by hand, clear errors for bad tasks."""
 
 from __future__ import annotations
 
 import json
+import math
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
-from actlab.data.tasks import Choice, load_task
-from actlab.errors import CorpusError
-from actlab.eval import tasks as task_eval
+from actlab.data.tasks import Item, items, load_task, read_docs, task_names
+from actlab.errors import ConfigError
+from actlab.eval import metrics
+from actlab.eval.harness import DENSE, Column, evaluate
+from actlab.eval.scoring import encode_pair, encode_shared, score_continuations, score_item
 
 from ..conftest import shared_data
 
 
-def reference_loglikelihood(model, context: list[int], continuation: list[int]) -> float:
+def reference_score(model, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+    """Sum of log-probabilities and greediness of `continuation`, from one full forward with every logit."""
     ids = context + continuation
     with torch.no_grad():
         logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
-    return sum(float(logprobs[p - 1, ids[p]]) for p in range(len(context), len(ids)))
+    steps = range(len(context), len(ids))
+    return (sum(float(logprobs[p - 1, ids[p]]) for p in steps),
+            all(int(logprobs[p - 1].argmax()) == ids[p] for p in steps))
 
 
 ITEMS = [
-    Choice("Question: What do plants need to grow?\nAnswer:", (" sunlight and water", " darkness", " sand only"), 0),
-    Choice("Question: How do you open a jar?\nAnswer:", (" Twist the lid.", " Freeze it for a year."), 1),
-    Choice("Question: Which is a planet?\nAnswer:", (" Mars", " the Moon", " a comet", " Sirius, a bright star"), 3),
+    Item(0, ("Question: What do plants need to grow?\nAnswer:",), (" sunlight and water", " darkness", " sand only"),
+         ("sunlight and water", "darkness", "sand only"), 0),
+    Item(1, ("Question: How do you open a jar?\nAnswer:",), (" Twist the lid.", " Freeze it for a year."),
+         ("Twist the lid.", "Freeze it for a year."), 1),
+    Item(2, ("Question: Which is a planet?\nAnswer:",), (" Mars", " the Moon", " a comet", " Sirius, a bright star"),
+         ("Mars", "the Moon", "a comet", "Sirius, a bright star"), 3),
 ]
 
 
-def test_choice_scores_match_full_sequences_with_full_logits(tiny):
+def test_shared_context_scores_match_full_sequences(tiny):
     # the context runs once and its KV cache serves every choice; choices of unequal length share a padded batch
     for item in ITEMS:
-        context, continuations = task_eval.encode_item(tiny.tokenizer, item)
-        assert len({len(c) for c in continuations}) > 1 or len(continuations) == 2
-        got = task_eval.choice_loglikelihoods(tiny, context, continuations)
-        want = [reference_loglikelihood(tiny.model, context, c) for c in continuations]
-        assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+        context, continuations = encode_shared(tiny.tokenizer, item.contexts[0], item.continuations)
+        got = score_continuations(tiny, context, continuations)
+        want = [reference_score(tiny.model, context, c) for c in continuations]
+        assert [s.loglikelihood for s in got] == pytest.approx([w[0] for w in want], rel=1e-4, abs=1e-4)
+        assert [s.greedy for s in got] == [w[1] for w in want]
 
 
-def test_single_token_choices(tiny_llama):
+def test_single_token_and_greedy_continuations(tiny_llama):
     context = tiny_llama.tokenizer("Question: pick one\nAnswer:")["input_ids"]
-    got = task_eval.choice_loglikelihoods(tiny_llama, context, [[5], [17]])
-    want = [reference_loglikelihood(tiny_llama.model, context, [t]) for t in (5, 17)]
-    assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+    with torch.no_grad():
+        best = int(tiny_llama.model(torch.tensor([context])).logits[0, -1].argmax())
+    got = score_continuations(tiny_llama, context, [[5], [17], [best]])
+    want = [reference_score(tiny_llama.model, context, [t]) for t in (5, 17, best)]
+    assert [s.loglikelihood for s in got] == pytest.approx([w[0] for w in want], rel=1e-4, abs=1e-4)
+    assert got[2].greedy and [s.greedy for s in got] == [w[1] for w in want]
 
 
-def test_accuracy_from_independent_scores(tiny):
-    result = task_eval.evaluate_task(tiny, "toy", ITEMS, progress=False)
-    acc = acc_norm = 0
+def test_encoding_follows_lm_eval(tiny_llama):
+    tok = tiny_llama.tokenizer
+    context, continuation = encode_pair(tok, "Question: a\nAnswer: ", "yes")  # trailing space moves
+    assert context == tok("Question: a\nAnswer:")["input_ids"]
+    assert context + continuation == tok("Question: a\nAnswer: yes")["input_ids"]
+    assert encode_pair(tok, "", " x")[0] == [tok.bos_token_id]
+
+
+def test_accuracies_recomputed_independently(tiny):
+    """acc: the highest log-likelihood; acc_norm (lm-eval): the highest log-likelihood per character of the choice
+    text, the delimiter not counted; standard errors: sample std / sqrt(n)."""
+    acc, acc_norm = [], []
     for item in ITEMS:
-        context, continuations = task_eval.encode_item(tiny.tokenizer, item)
-        scores = [reference_loglikelihood(tiny.model, context, c) for c in continuations]
-        per_char = [s / len(c) for s, c in zip(scores, item.continuations)]
-        acc += scores.index(max(scores)) == item.label
-        acc_norm += per_char.index(max(per_char)) == item.label
-    assert (result.items, result.acc, result.acc_norm) == (3, acc / 3, acc_norm / 3)
+        context, continuations = encode_shared(tiny.tokenizer, item.contexts[0], item.continuations)
+        lls = np.array([reference_score(tiny.model, context, c)[0] for c in continuations])
+        acc.append(float(np.argmax(lls) == item.target))
+        acc_norm.append(float(np.argmax(lls / np.array([len(c) for c in item.choices])) == item.target))
+    from actlab.data.tasks import DatasetSpec, TaskSpec
+
+    spec = TaskSpec("toy", DatasetSpec(jsonl="unused.jsonl"), "multiple_choice", doc_to_choice="x", doc_to_target="0")
+    from actlab.eval.harness import _run
+
+    result = _run(tiny, spec, ITEMS, "toy", progress=False)
+    assert result.metrics["acc"] == pytest.approx((np.mean(acc), np.std(acc, ddof=1) / math.sqrt(3)), nan_ok=True)
+    assert result.metrics["acc_norm"] == pytest.approx((np.mean(acc_norm), np.std(acc_norm, ddof=1) / math.sqrt(3)),
+                                                       nan_ok=True)
 
 
-def test_continuation_tokens_follow_the_context(tiny_llama):
-    item = Choice("Question: a\nAnswer:", (" yes", " no"), 0)
-    context, continuations = task_eval.encode_item(tiny_llama.tokenizer, item)
-    full = [tiny_llama.tokenizer(item.context + c)["input_ids"] for c in item.continuations]
-    assert context == tiny_llama.tokenizer(item.context)["input_ids"]
-    assert all(f == context + c and c for f, c in zip(full, continuations))
+def test_partial_scoring_scores_the_shared_continuation(tiny_llama):
+    item = Item(0, ("The trophy did not fit in the suitcase because the trophy", "The trophy did not fit in the "
+                    "suitcase because the suitcase"), (" was too big.",), ("a", "b"), 0)
+    got = score_item(tiny_llama, item)
+    want = [reference_score(tiny_llama.model, *encode_pair(tiny_llama.tokenizer, c, " was too big."))[0]
+            for c in item.contexts]
+    assert [s.loglikelihood for s in got] == pytest.approx(want, rel=1e-4, abs=1e-4)
 
 
-def test_load_task_reads_the_shared_files():
+def test_metric_formulas():
+    x = [1.0, 0.0, 1.0, 1.0]
+    assert metrics.mean_stderr(x) == pytest.approx((0.75, np.std(x, ddof=1) / 2))
+    lls = [-1.0, -2.0, -0.5]
+    ppl, se = metrics.perplexity_of_loglikelihoods(lls)
+    assert ppl == pytest.approx(math.exp(3.5 / 3)) and se == pytest.approx(ppl * np.std(lls, ddof=1) / math.sqrt(3))
+    d, dse = metrics.paired_difference([1, 0, 1, 0], [1, 1, 1, 0])
+    assert (d, dse) == pytest.approx((0.25, np.std([0, 1, 0, 0], ddof=1) / 2))
+
+
+# -- task files ------------------------------------------------------------------------------------
+
+def _task(tmp_path, body: str, rows: list[dict] | None = None, name: str = "mine"):
+    if rows is not None:
+        (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(body)
+    return path
+
+
+ROWS = [{"q": "2 + 2 =", "options": ["four", "five", "twenty-two"], "answer": "four"},
+        {"q": "The sky is", "options": ["blue", "made of cheese"], "answer": "blue"},
+        {"q": "Fire is", "options": ["cold", "hot"], "answer": 1}]
+MINE = """task: mine
+dataset: {jsonl: data.jsonl}
+output_type: multiple_choice
+doc_to_text: "Q: {{q}}\\nA:"
+doc_to_choice: "{{options}}"
+doc_to_target: "{{answer}}"
+"""
+
+
+def test_a_yaml_task_needs_no_code_and_runs_through_the_cli(tmp_path):
+    path = _task(tmp_path, MINE, ROWS)
+    spec = load_task(str(path))
+    got = items(spec)
+    assert [i.target for i in got] == [0, 0, 1] and got[0].continuations == (" four", " five", " twenty-two")
+    assert got[0].contexts == ("Q: 2 + 2 =\nA:",) and got[1].choices == ("blue", "made of cheese")
+    out = subprocess.run([sys.executable, "-m", "actlab.cli", "eval", "--model", "tiny-llama", "--tasks", str(path),
+                          "--json", "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    dense = result["columns"][0]
+    assert dense["name"] == DENSE and dense["tasks"]["mine"]["n"] == 3
+    assert set(dense["tasks"]["mine"]["metrics"]) == {"acc", "acc_norm"}
+    records = [json.loads(x) for x in (tmp_path / "run" / "items" / DENSE / "mine.jsonl").read_text().splitlines()]
+    assert [r["target"] for r in records] == [0, 0, 1] and len(records[0]["loglikelihoods"]) == 3
+    assert (tmp_path / "run" / "compare.html").stat().st_size > 5000
+
+
+@pytest.mark.parametrize("body,rows,message", [
+    (MINE.replace("{{q}}", "{{q"), ROWS, "doc_to_text: bad template"),
+    (MINE, [{"q": "x", "options": ["a", "b"], "answer": 7}], "item 0: doc_to_target gave 7, not an index among 2"),
+    (MINE, [{"q": "x", "options": ["a", "b"], "answer": "c"}], "neither an index nor one of the choices"),
+    (MINE, [{"q": "x", "options": "ab", "answer": 0}], "doc_to_choice must give a non-empty list"),
+    (MINE, [{"options": ["a"], "answer": 0}], "item 0: template .* failed on this item"),
+    (MINE.replace("multiple_choice", "multiple-choice"), ROWS, "output_type: must be one of"),
+    (MINE + "metrics: [perplexity]\n", ROWS, "does not apply to multiple_choice"),
+    (MINE.replace("dataset: {jsonl: data.jsonl}", "dataset: {}"), ROWS, "dataset needs exactly one of"),
+    (MINE + "colour: red\n", ROWS, "unknown field"),
+])
+def test_bad_task_files_are_one_line_errors(tmp_path, body, rows, message):
+    path = _task(tmp_path, body, rows)
+    with pytest.raises(ConfigError, match=message):
+        items(load_task(str(path)))
+
+
+def test_bad_eval_arguments_fail_before_the_model_loads(tmp_path):
+    for args, message in ((["--tasks", "nope"], "unknown task 'nope'"), (["--limit", "0"], "--limit must be at least 1"),
+                          (["--recipe", str(tmp_path / "absent.json")], "cannot read recipe"),
+                          (["--tasks", str(tmp_path / "absent.yaml")], "does not exist")):
+        out = subprocess.run([sys.executable, "-m", "actlab.cli", "eval", "--model", "no/such-model", *args],
+                             capture_output=True, text=True)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_recipe_column_sees_the_same_items(tiny_llama, tmp_path):
+    from actlab.transforms.steer import InterventionRecipe, SiteEdit
+
+    spec = load_task(str(_task(tmp_path, MINE, ROWS)))
+    push = InterventionRecipe("manual", tiny_llama.identity.to_dict(),
+                              [SiteEdit("L1.resid_out", "add", torch.ones(tiny_llama.adapter.hidden_size), 2.0)])
+    result = evaluate(tiny_llama, [spec], [Column(DENSE), Column("push", push)], progress=False, log=lambda *a: None)
+    a, b = (c.results["mine"] for c in result.columns)
+    assert [r["index"] for r in a.records] == [r["index"] for r in b.records]
+    assert a.records[0]["loglikelihoods"] != b.records[0]["loglikelihoods"]
+    d, se = result.difference(result.columns[1], "mine", "acc")
+    assert d == pytest.approx(b.metrics["acc"][0] - a.metrics["acc"][0])
+    assert "Δ push" in result.table()
+
+
+# -- the built-in tasks on the shared data -----------------------------------------------------------
+
+def test_builtin_tasks_read_the_shared_files():
     root = shared_data("tasks")
+    assert set(task_names()) >= {"wikitext2", "lambada", "arc_easy", "arc_challenge", "piqa", "hellaswag"}
     first = json.loads((root / "arc" / "ARC-Easy-Test.jsonl").read_text().splitlines()[0])
-    arc = load_task("arc_easy", 5)
-    assert len(arc) == 5
-    assert arc[0].context == f"Question: {first['question']['stem']}\nAnswer:"
-    assert [c["label"] for c in first["question"]["choices"]][arc[0].label] == first["answerKey"]
-    piqa = load_task("piqa")
+    arc = items(load_task("arc_easy"), 5)
+    assert len(arc) == 5 and arc[0].contexts == (f"Question: {first['question']['stem']}\nAnswer:",)
+    assert [c["label"] for c in first["question"]["choices"]][arc[0].target] == first["answerKey"]
+    piqa = items(load_task("piqa"))
     labels = (root / "piqa" / "valid-labels.lst").read_text().split()
-    assert len(piqa) == len(labels) and all(len(p.continuations) == 2 for p in piqa)
-    assert [p.label for p in piqa[:50]] == [int(x) for x in labels[:50]]
-
-
-def test_unknown_task_is_a_clear_error():
-    shared_data("tasks")
-    with pytest.raises(CorpusError, match="unknown task 'hellaswag'"):
-        load_task("hellaswag")
+    assert len(piqa) == len(labels) == 1838 and [p.target for p in piqa[:50]] == [int(x) for x in labels[:50]]
+    hella = read_docs(load_task("hellaswag"))
+    assert len(hella) == 10042 and {d["label"] for d in hella} == {"0", "1", "2", "3"}
+    lambada = items(load_task("lambada"), 3)
+    text = json.loads((root / "lambada" / "lambada_test.jsonl").read_text().splitlines()[0])["text"]
+    assert lambada[0].contexts[0] + lambada[0].continuations[0] == text
+    assert lambada[0].continuations[0] == " " + text.split(" ")[-1]

@@ -255,6 +255,23 @@ class DecodeEngine:
                     dropped[projection_key(layer.index, "up")] = frac
         return effective_sparsity(dropped, projection_params(self.lm.adapter))
 
+    def memory_bytes(self) -> int:
+        """Bytes the engine holds: its weight layouts (shared with the model where they alias it), the LM head's
+        copies and the KV cache."""
+        seen: set[int] = set()
+
+        def size(t) -> int:
+            if not torch.is_tensor(t) or t.data_ptr() in seen:
+                return 0
+            seen.add(t.data_ptr())
+            return t.numel() * t.element_size()
+
+        total = size(self.k_cache) + size(self.v_cache)
+        for layer in self.layers:
+            for part in [*layer.projections.values(), layer.mlp]:
+                total += sum(size(v) for v in vars(part).values()) if hasattr(part, "__dict__") else 0
+        return total + sum(size(v) for v in vars(self.head).values())
+
     def weight_bytes_per_token(self, sparsity: float = 0.0) -> float:
         """Bytes of weights a decode step reads: projections at the given effective sparsity + the head."""
         linear = sum(lin.bytes_read() for layer in self.layers for lin in layer.projections.values())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -26,9 +26,18 @@ class PerplexityResult:
     model: str
     seconds: float
     batch_size: int
+    window_nll: list[float] = field(default_factory=list, repr=False)  # mean NLL of each window
+
+    def stderr(self) -> float:
+        """Standard error of the perplexity, by the delta method over windows (see eval.metrics)."""
+        from actlab.eval.metrics import perplexity_of_nlls
+
+        return perplexity_of_nlls(self.window_nll)[1]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("window_nll")
+        return out
 
 
 def window_nll(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -50,11 +59,14 @@ def perplexity(lm: LoadedModel, windows: torch.Tensor, batch_size: int | None = 
     windows = windows.to(lm.device)
     start = time.perf_counter()
     total = torch.zeros((), dtype=torch.float64)
+    per_window: list[float] = []
     batches = range(0, len(windows), batch_size)
     for i in track(batches, total=len(batches), description="perplexity", enabled=progress):
-        total += window_nll(lm.model, windows[i : i + batch_size]).sum().cpu()
+        sums = window_nll(lm.model, windows[i : i + batch_size]).cpu()
+        total += sums.sum()
+        per_window += (sums / (windows.shape[1] - 1)).tolist()
     tokens = windows.shape[0] * (windows.shape[1] - 1)
     nll = float(total) / tokens
     return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=tokens, seq_len=int(windows.shape[1]),
                             windows=int(windows.shape[0]), model=lm.name, seconds=time.perf_counter() - start,
-                            batch_size=batch_size)
+                            batch_size=batch_size, window_nll=per_window)

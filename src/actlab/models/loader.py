@@ -56,6 +56,16 @@ class LoadedModel:
         self.__post_init__()
         return self.identity
 
+    def attach_for_lifetime(self, recipe: Any) -> None:
+        """Attach `recipe` (a Recipe or a recipe file) until `detach()`."""
+        from actlab.transforms import attach, load_recipe
+
+        self.detach()
+        recipe = load_recipe(recipe) if not hasattr(recipe, "attach") else recipe
+        context = attach(self, recipe)
+        context.__enter__()
+        self._attachment, self.attached = context, [recipe]
+
     def detach(self) -> None:
         """Remove the recipes attached for the model's lifetime; the model is as it was loaded."""
         if self._attachment is not None:
@@ -77,8 +87,11 @@ class LoadedModel:
 
 
 def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               log_fn=print) -> LoadedModel:
-    """Load `spec`; raise `ActlabError` with a clear message when that is impossible."""
+               log_fn=print, attach_recipe: bool = True) -> LoadedModel:
+    """Load `spec`; raise `ActlabError` with a clear message when that is impossible.
+
+    A directory exported with a runtime recipe (`actlab export`) comes back with that recipe attached for the
+    model's lifetime (`attach_recipe=False`: the bare weights; `lm.detach()` removes it later)."""
     spec = str(spec)
     if spec in BUILTINS:
         model, tokenizer, provenance = _load_builtin(BUILTINS[spec], dtype, log_fn)
@@ -100,7 +113,16 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | t
                 "path, and not a Hugging Face hub id of the form org/name"
             )
     provenance.setdefault("dtype", str(dtype).removeprefix("torch."))
-    return _loaded(spec, model.to(device), tokenizer, provenance)
+    lm = _loaded(spec, model.to(device), tokenizer, provenance)
+    if attach_recipe and provenance.get("source") == "local-directory":
+        from actlab.export.hf import embedded_recipe
+
+        path = embedded_recipe(Path(provenance["path"]))
+        if path is not None:
+            lm.attach_for_lifetime(path)
+            log_fn(f"attached the recipe exported with this model: {lm.attached[0].describe()} (plain transformers "
+                   "runs this directory without it)")
+    return lm
 
 
 def wrap(model: PreTrainedModel, tokenizer: Any, name: str | None = None) -> LoadedModel:

@@ -106,6 +106,10 @@ class Recipe(ABC):
         actlab can run it (the recipe is saved beside the model); raise ConfigError where neither holds."""
         return "runtime"
 
+    def changes_structure(self, lm: Any) -> bool:
+        """Whether folding renumbers or reshapes the model's layers (recipes keyed by them no longer fit)."""
+        return False
+
     def fold_into(self, lm: Any, model: Any) -> Any:
         """Apply the transform to `model` (a copy of lm.model, or its config) for export; returns the model."""
         raise ConfigError(f"{self.describe()} cannot be folded into weights")

@@ -113,6 +113,9 @@ class LayerRecipe(Recipe):
     def export_hf(self, lm: Any) -> str:
         return "weights"
 
+    def changes_structure(self, lm: Any) -> bool:
+        return bool(self.blocks())
+
     def fold_into(self, lm: Any, model: Any) -> Any:
         """`model` (a copy of lm.model) with the removed blocks taken out and the removed sublayers' output
         projections zeroed; its config cut to the kept layers."""

@@ -1,0 +1,191 @@
+"""The one evaluation harness: the dense model and every recipe, on the same items, every task, with errors.
+
+`evaluate(lm, tasks, columns)` attaches each column's recipe (None: dense) once and scores every task under
+it; per-item records are kept, so each recipe's difference to dense comes with the standard error of the
+paired per-item differences.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from actlab.data.tasks import LOWER_IS_BETTER, Item, TaskSpec, items
+from actlab.errors import ConfigError
+from actlab.eval import metrics as M
+from actlab.eval.scoring import score_item
+from actlab.progress import track
+
+DENSE = "dense"
+
+
+@dataclass
+class TaskResult:
+    task: str
+    output_type: str
+    version: int
+    n: int  # items (windows for perplexity tasks)
+    metrics: dict[str, tuple[float, float]]  # metric -> (value, stderr)
+    per_item: dict[str, list[float]] = field(repr=False)  # what the metric averages, item by item
+    records: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    seconds: float = 0.0
+
+    def to_dict(self, with_records: bool = False) -> dict[str, Any]:
+        out = {"task": self.task, "output_type": self.output_type, "version": self.version, "n": self.n,
+               "metrics": {m: {"value": v, "stderr": s} for m, (v, s) in self.metrics.items()},
+               "seconds": self.seconds}
+        if with_records:
+            out["records"] = self.records
+        return out
+
+
+@dataclass
+class Column:
+    name: str
+    recipe: Any = None  # a Recipe, or None for the dense model
+    results: dict[str, TaskResult] = field(default_factory=dict)
+    measured: dict[str, Any] = field(default_factory=dict)  # what the recipe's meters saw (e.g. achieved sparsity)
+    cost: dict[str, Any] = field(default_factory=dict)
+    speed: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Evaluation:
+    model: dict[str, Any]
+    limit: int | None
+    columns: list[Column]
+
+    def difference(self, column: Column, task: str, metric: str) -> tuple[float, float]:
+        """(column - dense) on the same items, and its paired standard error."""
+        base, mine = self.columns[0].results[task], column.results[task]
+        if metric == "perplexity":  # per item NLLs: the paired error of the log ratio, scaled (delta method)
+            _, se = M.paired_difference(base.per_item[metric], mine.per_item[metric])
+            return mine.metrics[metric][0] - base.metrics[metric][0], mine.metrics[metric][0] * se
+        return M.paired_difference(base.per_item[metric], mine.per_item[metric])
+
+    def to_dict(self, with_records: bool = False) -> dict[str, Any]:
+        out = {"model": self.model, "limit": self.limit, "columns": []}
+        for col in self.columns:
+            entry = {"name": col.name, "recipe": None if col.recipe is None else col.recipe.describe(),
+                     "measured": col.measured, "cost": col.cost, "speed": col.speed,
+                     "tasks": {t: r.to_dict(with_records) for t, r in col.results.items()}}
+            if col is not self.columns[0]:
+                entry["difference"] = {t: {m: dict(zip(("value", "stderr"), self.difference(col, t, m)))
+                                           for m in r.metrics} for t, r in col.results.items()}
+            out["columns"].append(entry)
+        return out
+
+    def table(self) -> str:
+        """The results the way lm-evaluation-harness prints them, a value column per model variant and, for each
+        recipe, its difference to dense with the paired standard error."""
+        cols = self.columns
+        head = ["Tasks", "Version", "n", "Metric", ""] + [c.name for c in cols[:1]] + ["±"]
+        for c in cols[1:]:
+            head += [c.name, "±", f"Δ {c.name}", "±"]
+        rows = []
+        for task, first in cols[0].results.items():
+            for i, metric in enumerate(first.metrics):
+                arrow = "↓" if metric in LOWER_IS_BETTER else "↑"
+                v, s = first.metrics[metric]
+                row = [task if i == 0 else "", str(first.version) if i == 0 else "", str(first.n) if i == 0 else "",
+                       metric, arrow, _num(v), _num(s)]
+                for c in cols[1:]:
+                    cv, cs = c.results[task].metrics[metric]
+                    d, ds = self.difference(c, task, metric)
+                    row += [_num(cv), _num(cs), ("+" if d >= 0 else "") + _num(d), _num(ds)]
+                rows.append(row)
+        widths = [max(3, len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(head)]
+        right = {1, 2} | {j for j in range(5, len(head))}
+
+        def line(cells):
+            return "|" + "|".join((c.rjust(w) if j in right else c.ljust(w)) for j, (c, w) in
+                                  enumerate(zip(cells, widths))) + "|"
+
+        sep = "|" + "|".join(("-" * (w - 1) + ":") if j in right else "-" * w for j, w in enumerate(widths)) + "|"
+        return "\n".join([line(head), sep, *map(line, rows)])
+
+
+def _num(x: float) -> str:
+    return "nan" if x != x else f"{x:.4f}" if abs(x) < 1e5 else f"{x:.4g}"
+
+
+# -- running ------------------------------------------------------------------------------------------
+
+def evaluate(lm: Any, tasks: list[TaskSpec], columns: list[Column], limit: int | None = None, progress: bool = True,
+             log=print) -> Evaluation:
+    from actlab.transforms.compose import attach, cost_of, validate
+
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {limit}")
+    for col in columns:
+        if col.recipe is not None:
+            validate(col.recipe, lm)  # every recipe is checked before the first one runs
+    prepared = {spec.task: (spec, _prepare(lm, spec, limit)) for spec in tasks}
+    for col in columns:
+        col.cost = cost_of(lm, col.recipe).to_dict()
+        with contextlib.ExitStack() as stack:
+            attached = stack.enter_context(attach(lm, col.recipe)) if col.recipe is not None else None
+            for name, (spec, data) in prepared.items():
+                start = time.perf_counter()
+                col.results[name] = _run(lm, spec, data, f"{col.name}: {name}", progress)
+                col.results[name].seconds = time.perf_counter() - start
+                log(f"{col.name}: {name} " + ", ".join(f"{m} {v:.4f}" for m, (v, _) in col.results[name].metrics.items()))
+            if attached is not None:
+                col.measured = attached.summary(lm)
+    return Evaluation(lm.identity.to_dict(), limit, columns)
+
+
+def _prepare(lm: Any, spec: TaskSpec, limit: int | None):
+    if spec.output_type != "perplexity":
+        return items(spec, limit)
+    from actlab.data import WindowSpec, load_corpus, make_windows
+
+    corpus = load_corpus(spec.dataset.corpus, role="all")
+    seq_len = min(spec.seq_len, lm.max_context or spec.seq_len)  # a shorter model context caps the window
+    all_windows = make_windows(lm.tokenizer, corpus, WindowSpec(seq_len=seq_len), lm.max_context)
+    return all_windows[:limit] if limit else all_windows
+
+
+def _run(lm: Any, spec: TaskSpec, data: Any, description: str, progress: bool) -> TaskResult:
+    if spec.output_type == "perplexity":
+        from actlab.eval.perplexity import perplexity
+
+        result = perplexity(lm, data, batch_size=1, progress=progress)
+        ppl, se = M.perplexity_of_nlls(result.window_nll)
+        return TaskResult(spec.task, spec.output_type, spec.version, len(data), {"perplexity": (ppl, se)},
+                          {"perplexity": result.window_nll},
+                          [{"window": i, "nll": v} for i, v in enumerate(result.window_nll)])
+    per_item: dict[str, list[float]] = {m: [] for m in spec.metrics}
+    lls: list[float] = []
+    records = []
+    for item in track(data, total=len(data), description=description, enabled=progress):
+        scores = score_item(lm, item)
+        record = _record(spec, item, scores)
+        records.append(record)
+        for m in spec.metrics:
+            if m != "perplexity":
+                per_item[m].append(float(record[m]))
+        lls.append(scores[0].loglikelihood)
+    out = {m: M.mean_stderr(v) for m, v in per_item.items() if m != "perplexity"}
+    if "perplexity" in spec.metrics:
+        per_item["perplexity"] = [-x for x in lls]  # paired differences of NLL
+        out["perplexity"] = M.perplexity_of_loglikelihoods(lls)
+    ordered = {m: out[m] for m in spec.metrics}
+    return TaskResult(spec.task, spec.output_type, spec.version, len(data), ordered, per_item, records)
+
+
+def _record(spec: TaskSpec, item: Item, scores) -> dict[str, Any]:
+    lls = [s.loglikelihood for s in scores]
+    record: dict[str, Any] = {"index": item.index, "target": item.target, "loglikelihoods": lls}
+    if spec.output_type == "loglikelihood":
+        record.update(acc=int(scores[0].greedy))
+        return record
+    pred = max(range(len(lls)), key=lls.__getitem__)
+    record.update(pred=pred, acc=int(pred == item.target))
+    if spec.output_type == "multiple_choice":
+        norm = [ll / len(c) for ll, c in zip(lls, item.choices)]  # lm-eval: the choice's characters, no delimiter
+        pred_norm = max(range(len(norm)), key=norm.__getitem__)
+        record.update(pred_norm=pred_norm, acc_norm=int(pred_norm == item.target))
+    return record

@@ -1,0 +1,94 @@
+"""Log-likelihood requests, computed as lm-evaluation-harness defines them.
+
+A request is (context, continuation). Tokenization follows lm-eval's `_encode_pair`: trailing spaces of the
+context move to the continuation; the continuation's tokens are those of tokenize(context + continuation)
+after the context's own token count; the tokenizer's defaults decide special tokens (SmolLM2 adds none,
+Gemma adds BOS - lm-eval adds BOS for Gemma models too); an empty context becomes the BOS (or EOS) token.
+A request's score is the sum of the continuation tokens' log-probabilities, and `greedy` says whether every
+continuation token is the argmax at its position.
+
+Requests that share a context run it once; its KV cache is repeated for the continuations, which run as one
+right-padded batch (padding sits after every real token, so causal attention never sees it). Only positions
+that predict a continuation token go through the LM head (Gemma's 262k-token head costs more than its layers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from actlab.models.compat import output_cache, with_cache
+
+
+@dataclass(frozen=True)
+class Score:
+    loglikelihood: float
+    greedy: bool
+    tokens: int
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context tokens, continuation tokens) of one request, lm-eval's way."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        continuation = context[-spaces:] + continuation
+        context = context[:-spaces]
+    whole = tokenizer(context + continuation, verbose=False)["input_ids"]
+    context_ids = tokenizer(context, verbose=False)["input_ids"]
+    continuation_ids = whole[len(context_ids):]
+    if not context_ids:
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        context_ids = [prefix]
+    return context_ids, continuation_ids
+
+
+def encode_shared(tokenizer, context: str, continuations: tuple[str, ...]) -> tuple[list[int], list[list[int]]]:
+    """One context and several continuations: the context's tokens (identical for every request, as lm-eval
+    encodes the context alone) and each continuation's."""
+    pairs = [encode_pair(tokenizer, context, c) for c in continuations]
+    return pairs[0][0], [p[1] for p in pairs]
+
+
+@torch.no_grad()
+def score_continuations(lm, context: list[int], continuations: list[list[int]]) -> list[Score]:
+    """Log-likelihood (and greediness) of each continuation after the shared `context`."""
+    model, device = lm.model, lm.device
+    limit = lm.max_context
+    if limit and len(context) + max(len(c) for c in continuations) > limit:  # lm-eval keeps the last tokens
+        keep = limit - max(len(c) for c in continuations)
+        context = context[-max(1, keep):]
+    out = model(input_ids=torch.tensor([context], device=device), use_cache=True, logits_to_keep=1)
+    first = F.log_softmax(out.logits[0, -1].float(), dim=-1)
+    sums = [float(first[c[0]]) if c else 0.0 for c in continuations]
+    greedy = [bool(int(first.argmax()) == c[0]) if c else True for c in continuations]
+    width = max(len(c) for c in continuations)
+    if width > 1:
+        cache = output_cache(out)
+        cache.batch_repeat_interleave(len(continuations))
+        ids = torch.zeros((len(continuations), width), dtype=torch.long)
+        for row, c in enumerate(continuations):
+            ids[row, : len(c)] = torch.tensor(c)
+        logits = model(input_ids=ids.to(device), **with_cache(model, cache), use_cache=True,
+                       logits_to_keep=torch.arange(width - 1, device=device)).logits.float()
+        rest = F.log_softmax(logits, dim=-1).cpu()
+        for row, c in enumerate(continuations):
+            if len(c) > 1:
+                positions, targets = torch.arange(len(c) - 1), torch.tensor(c[1:], dtype=torch.long)
+                sums[row] += float(rest[row, positions, targets].sum())
+                greedy[row] = greedy[row] and bool((rest[row, positions].argmax(-1) == targets).all())
+    return [Score(s, g, len(c)) for s, g, c in zip(sums, greedy, continuations)]
+
+
+def score_item(lm, item) -> list[Score]:
+    """Scores of an item's requests: one per choice (a shared context, or one context per choice)."""
+    tok = lm.tokenizer
+    if len(item.contexts) == 1:
+        context, continuations = encode_shared(tok, item.contexts[0], item.continuations)
+        return score_continuations(lm, context, continuations)
+    out = []
+    for context_text in item.contexts:  # partial scoring: one context per option, the same continuation
+        context, continuation = encode_pair(tok, context_text, item.continuations[0])
+        out.extend(score_continuations(lm, context, [continuation]))
+    return out
