@@ -1,4 +1,5 @@
-# One command each: `make demo` (set up + profile the default model), `make test` (set up + all tests).
+# One command each: `make demo` (set up + profile the default model), `make test` (set up + all tests),
+# `make lint` (ruff, as configured in pyproject.toml).
 # Both create their own virtual environment in .venv on first use.
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not real and not browser" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check src tests bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -15,8 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from actlab.jobs.bench import BEST_METHOD, bench_decode
 from actlab.fsutil import atomic_write_json
+from actlab.jobs.bench import BEST_METHOD, bench_decode
 
 
 def table(rows: list[dict]) -> str:

@@ -32,7 +32,8 @@ def main() -> None:
     from actlab.transforms.sparsity.loss_aware import RULES, SENSITIVITIES, LossAware, calibration_loss
 
     rows = []
-    lines = ["| model | sensitivity | rule | selection loss | ppl | increase | achieved |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | sensitivity | rule | selection loss | ppl | increase | achieved |",
+             "|---|---|---|---|---|---|---|"]
     for model in args.models:
         lm = actlab.load_model(model)
         calib = CalibrationData.from_corpus(lm, "wikitext2", seq_len=1024, windows=16)

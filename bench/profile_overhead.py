@@ -2,8 +2,9 @@
 
     python bench/profile_overhead.py [--model smollm2-135m] [--windows 8] [--reps 5] [--json]
 
-Prints a table (or one JSON object with --json) and writes the JSON to bench/results/profile_overhead.json, with the median times of >= 5 interleaved repetitions,
-their ratio, and the peak RSS of separate child processes profiling 4k and 64k tokens.
+Prints a table (or one JSON object with --json) and writes the JSON to bench/results/profile_overhead.json,
+with the median times of >= 5 interleaved repetitions, their ratio, and the peak RSS of separate child processes
+profiling 4k and 64k tokens.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from types import ModuleType
 import torch
 
 from actlab.models.cache import cache_root
+from actlab.progress import status
 
 CSRC = Path(__file__).parent / "csrc"
 # -fopenmp makes ATen's parallel_for (an OpenMP pragma in the headers) parallel; the extension then binds to the
@@ -63,23 +64,26 @@ def build_dir(name: str) -> Path:
 
 @functools.cache
 def load(name: str) -> ModuleType | None:
-    """The compiled extension `name` (csrc/<name>.cpp), or None when it cannot be built here."""
+    """The compiled extension `name` (csrc/<name>.cpp), or None when it cannot be built here (no compiler, no
+    Python headers, the source missing from an installation): callers then use plain torch operations."""
     if os.environ.get("ACTLAB_NO_NATIVE"):
         return None
-    from torch.utils import cpp_extension
-
-    directory = build_dir(name)
-    directory.mkdir(parents=True, exist_ok=True)
     try:
+        from torch.utils import cpp_extension
+
+        directory = build_dir(name)  # reads the source: a missing source falls back like a missing compiler
+        directory.mkdir(parents=True, exist_ok=True)
         with _exclusive(directory / ".actlab-build.lock"):
             # torch's own build lock is a plain file that a killed build leaves behind, after which every
             # later build waits forever; under our OS-level lock (released when its holder dies) any such
             # file is stale.
             (directory / "lock").unlink(missing_ok=True)
+            if not any(directory.glob(f"actlab_{name}*.so")):
+                status(f"compiling actlab's {name} kernels for this machine, once (about a minute) ...")
             return cpp_extension.load(name=f"actlab_{name}", sources=[str(CSRC / f"{name}.cpp")],
                                       extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(directory),
                                       verbose=False)
-    except Exception as exc:  # no compiler, no Python headers, ...
+    except Exception as exc:  # no compiler, no Python headers, no source, an unwritable cache ...
         warnings.warn(f"actlab: could not build the {name} kernel ({type(exc).__name__}: {exc}); "
                       "falling back to plain torch operations", RuntimeWarning, stacklevel=2)
         return None

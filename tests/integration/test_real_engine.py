@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actlab.engine.reference import hf_generate, prompt_ids
 from actlab.engine.decode import DecodeEngine
+from actlab.engine.reference import hf_generate, prompt_ids
 from actlab.transforms.sparsity import CalibrationData, attach, calibrate
 
 pytestmark = pytest.mark.real

@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import actlab
-from actlab.engine.reference import hf_generate, prompt_ids
 from actlab.engine.decode import DecodeEngine
 from actlab.engine.kernels import TorchKernels, load_kernels
 from actlab.engine.lm_head import ExactArgmaxHead
+from actlab.engine.reference import hf_generate, prompt_ids
 from actlab.transforms.sparsity import CalibrationData, attach, calibrate
 
 NATIVE = load_kernels()

@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from actlab.report.plots import FIGURES
 from actlab.jobs.profile import ProfileOptions, profile
+from actlab.report.plots import FIGURES
 
 pytestmark = pytest.mark.browser
 

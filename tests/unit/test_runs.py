@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from actlab.errors import CorpusError, RunDirectoryError
+from actlab.jobs.profile import ProfileOptions, merge, profile, rerender
 from actlab.models.tiny import TINY_CONFIGS
 from actlab.probe import Profiler
 from actlab.report.rundir import RunDirectory
-from actlab.jobs.profile import ProfileOptions, merge, profile, rerender
 
 OPTS = ProfileOptions(query_stride=4, lens_stride=8)
 KW = dict(seq_len=64, options=OPTS, progress=False, log=lambda *a: None)

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 import actlab
 from actlab.errors import ConfigError
-from actlab.transforms.sparsity import METHODS, CalibrationData, SparsityRecipe, attach, calibrate
 from actlab.models.compat import output_cache, with_cache
 from actlab.models.keys import split_key
+from actlab.transforms.sparsity import METHODS, CalibrationData, SparsityRecipe, attach, calibrate
 from actlab.transforms.sparsity.attach import SparsityMeter
 from actlab.transforms.sparsity.budget import dropped_by_rules, effective_sparsity, projection_params, projection_view
 

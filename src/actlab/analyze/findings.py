@@ -95,7 +95,8 @@ def attention_findings(heads: pd.DataFrame, sink_tokens: pd.DataFrame) -> list[F
                                         "the other positions (median over heads)"))
     if sink_tokens is not None and len(sink_tokens):
         top = ", ".join(f"{t!r} ({c})" for t, c in zip(sink_tokens["token"].head(5), sink_tokens["count"].head(5)))
-        out.append(Finding("attention", f"later-token sinks (keys other than the first drawing > threshold mass): {top}"))
+        out.append(Finding("attention",
+                           f"later-token sinks (keys other than the first drawing > threshold mass): {top}"))
     return out
 
 
@@ -121,7 +122,8 @@ def sparsity_findings(sparsity: pd.DataFrame) -> list[Finding]:
         if len(rows):
             out.append(Finding("sparsity", f"{kind}: median over layers {rows['fraction_below'].median():.0%} of "
                                            f"values below |x| < {rows['eps'].iloc[0]:.3g} "
-                                           f"(range {rows['fraction_below'].min():.0%}-{rows['fraction_below'].max():.0%})"))
+                                           f"(range {rows['fraction_below'].min():.0%}-"
+                                           f"{rows['fraction_below'].max():.0%})"))
     return out
 
 

@@ -104,7 +104,6 @@ def _paragraph_cut(text: str) -> int:
 
 def _python_docs() -> Corpus:
     import platform
-
     from pydoc_data import topics
 
     text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))

@@ -131,7 +131,8 @@ def evaluate(lm: Any, tasks: list[TaskSpec], columns: list[Column], limit: int |
                 start = time.perf_counter()
                 col.results[name] = _run(lm, spec, data, f"{col.name}: {name}", progress)
                 col.results[name].seconds = time.perf_counter() - start
-                log(f"{col.name}: {name} " + ", ".join(f"{m} {v:.4f}" for m, (v, _) in col.results[name].metrics.items()))
+                scores = col.results[name].metrics.items()
+                log(f"{col.name}: {name} " + ", ".join(f"{m} {v:.4f}" for m, (v, _) in scores))
             if attached is not None:
                 col.measured = attached.summary(lm)
     return Evaluation(lm.identity.to_dict(), limit, columns)

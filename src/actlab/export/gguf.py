@@ -145,7 +145,7 @@ def _rope_theta(cfg: Any, kind: str = "full_attention") -> float | None:
 def _hparams(writer: Any, cfg: Any, lm: Any) -> None:
     ad = lm.adapter
     writer.add_name(str(getattr(cfg, "_name_or_path", "") or lm.name))
-    writer.add_context_length(int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions")))
+    writer.add_context_length(int(getattr(cfg, "max_position_embeddings", None) or cfg.n_positions))
     writer.add_embedding_length(ad.hidden_size)
     writer.add_block_count(int(cfg.num_hidden_layers))
     writer.add_feed_forward_length(ad.intermediate_size)

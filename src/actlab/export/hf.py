@@ -90,7 +90,8 @@ def _saved_identity(tmp: Path, model: Any, lm: Any, out: Path) -> dict[str, Any]
     return ModelIdentity(name=str(out), source="local-directory", location=str(out.resolve()),
                          model_type=cfg.model_type, layers=int(getattr(cfg, "num_hidden_layers", 0) or 0),
                          hidden_size=int(getattr(cfg, "hidden_size", 0) or 0), config_sha256=config_digest(cfg),
-                         weights_sha256=weights_digest(model), tokenizer_sha256=tokenizer_digest(lm.tokenizer)).to_dict()
+                         weights_sha256=weights_digest(model),
+                         tokenizer_sha256=tokenizer_digest(lm.tokenizer)).to_dict()
 
 
 def embedded_recipe(directory: Path) -> Path | None:

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
+from actlab.calib import CalibrationSet
 from actlab.engine.decode import DecodeEngine
 from actlab.engine.reference import FirstStepClock, hf_generate, prompt_ids
 from actlab.errors import ConfigError
-from actlab.calib import CalibrationSet
 from actlab.models import load_model
 from actlab.transforms import Recipe, load_recipe
 from actlab.transforms.sparsity import HOOKS_ONLY, METHODS, calibrate, check_target, get_method

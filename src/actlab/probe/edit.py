@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -25,7 +25,7 @@ from actlab.errors import ConfigError
 from actlab.models.compat import call_cache
 from actlab.probe.sites import Site, get_site
 
-PositionSpec = Union[None, Sequence[int], slice, Callable[["ForwardContext"], torch.Tensor]]
+PositionSpec = None | Sequence[int] | slice | Callable[["ForwardContext"], torch.Tensor]
 
 
 @dataclass

@@ -100,7 +100,8 @@ class RunDirectory:
                 except (OSError, ValueError):
                     owner = -1
                 if owner > 0 and _pid_alive(owner) and owner != os.getpid():
-                    raise RunDirectoryError(f"{self.path} is being written by another actlab process (pid {owner})")
+                    raise RunDirectoryError(
+                        f"{self.path} is being written by another actlab process (pid {owner})") from None
                 lock.unlink(missing_ok=True)  # stale lock of a process that is gone
         else:
             raise RunDirectoryError(f"cannot lock {self.path}")

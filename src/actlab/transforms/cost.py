@@ -73,7 +73,8 @@ class Cost:
                 "params_saved": self.params_saved}
 
     def line(self) -> str:
-        return (f"weights read/token {self.weight_bytes_per_token / 1e6:.1f} MB ({self.weight_bytes_saved:+.1%} saved), "
+        return (f"weights read/token {self.weight_bytes_per_token / 1e6:.1f} MB "
+                f"({self.weight_bytes_saved:+.1%} saved), "
                 f"KV cache/token {self.kv_bytes_per_token / 1e3:.1f} KB ({self.kv_bytes_saved:+.1%}), "
                 f"params {self.params / 1e6:.1f} M ({self.params_saved:+.1%})")
 

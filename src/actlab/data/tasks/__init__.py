@@ -86,14 +86,17 @@ class TaskSpec:
         self.metrics = list(self.metrics or allowed)
         bad = [m for m in self.metrics if m not in allowed]
         if bad:
-            raise ConfigError(f"{where}: metric {bad[0]!r} does not apply to {self.output_type}; use {', '.join(allowed)}")
+            raise ConfigError(f"{where}: metric {bad[0]!r} does not apply to {self.output_type}; "
+                              f"use {', '.join(allowed)}")
         sources = [n for n in ("jsonl", "lines", "hf", "corpus") if getattr(self.dataset, n) is not None]
         if len(sources) != 1:
-            raise ConfigError(f"{where}: dataset needs exactly one of jsonl, lines, hf, corpus (got {sources or 'none'})")
+            raise ConfigError(f"{where}: dataset needs exactly one of jsonl, lines, hf, corpus "
+                              f"(got {sources or 'none'})")
         if (self.output_type == "perplexity") != (sources[0] == "corpus"):
             raise ConfigError(f"{where}: a perplexity task reads a corpus, and only a perplexity task does")
-        if self.dataset.lines is not None and (not self.dataset.fields or len(self.dataset.fields) != self.dataset.group):
-            raise ConfigError(f"{where}: dataset.lines needs `fields`, one name per line of a group of {self.dataset.group}")
+        ds = self.dataset
+        if ds.lines is not None and (not ds.fields or len(ds.fields) != ds.group):
+            raise ConfigError(f"{where}: dataset.lines needs `fields`, one name per line of a group of {ds.group}")
         if self.seq_len < 2:
             raise ConfigError(f"{where}: seq_len must be at least 2")
         for name in ("doc_to_text", "doc_to_choice", "doc_to_target", "doc_to_contexts", "doc_to_continuation"):

@@ -135,8 +135,9 @@ class AttentionHeads(Statistic):
                 layers.append({
                     "layer": layer,
                     "resid_norm_first_ratio": float(f["resid_first"] / f["resid_median_rest"]),
-                    "resid_norm_sink_ratio": float((f["resid_sink"] / count) / (f["resid_median_rest"] / f["resid_windows"]))
-                    if float(count) > 0 else float("nan"),
+                    "resid_norm_sink_ratio":
+                        float((f["resid_sink"] / count) / (f["resid_median_rest"] / f["resid_windows"]))
+                        if float(count) > 0 else float("nan"),
                 })
         nz = torch.nonzero(tokens).flatten()
         sink_tokens = pd.DataFrame({"token_id": nz.numpy(), "count": tokens[nz].numpy().astype("int64")})

@@ -66,7 +66,8 @@ class ActivationDistribution(Statistic):
                 self.acc[site.name] = self.empty_fields({
                     "n": ((), f64, 0.0), "mean": ((c,), f64, 0.0), "m2": ((c,), f64, 0.0),
                     "abs_sum": ((c,), f64, 0.0), "min": ((c,), torch.float32, inf),
-                    "max": ((c,), torch.float32, -inf), "zeros": ((c,), torch.int64, 0), "hist": ((NUM_BINS,), torch.int64, 0)})
+                    "max": ((c,), torch.float32, -inf), "zeros": ((c,), torch.int64, 0),
+                    "hist": ((NUM_BINS,), torch.int64, 0)})
 
     def update(self, site: Site, x: torch.Tensor, batch: BatchInfo) -> None:
         fields = batch_fields(as_channels(x, site), self.use_native)

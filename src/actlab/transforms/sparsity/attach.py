@@ -17,8 +17,13 @@ import torch
 
 from actlab.models.keys import projection_site, site_key, split_key
 from actlab.probe.edit import Edit, Editor, ForwardContext
-from actlab.transforms.sparsity.budget import (dropped_by_rules, effective_sparsity, projection_params,
-                                               projection_shapes, projection_view)
+from actlab.transforms.sparsity.budget import (
+    dropped_by_rules,
+    effective_sparsity,
+    projection_params,
+    projection_shapes,
+    projection_view,
+)
 from actlab.transforms.sparsity.recipe import MaskRule, SparsityRecipe
 from actlab.transforms.sparsity.rules import keep_mask, last_half_start, sentence_core
 

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from actlab.eval.perplexity import perplexity
-from actlab.progress import track
 from actlab.models.keys import projection_key, split_key
+from actlab.progress import track
 from actlab.transforms.sparsity.budget import projection_params
 from actlab.transforms.sparsity.harness import evaluate
 from actlab.transforms.sparsity.recipe import MaskRule, SparsityRecipe, model_fingerprint
@@ -112,6 +112,7 @@ def sparsity_at_ppl(calib, eval_windows: torch.Tensor, p: float = 1.0, steps: in
     params = projection_params(lm.adapter)
     return {"model": lm.name, "p": p, "dense_ppl": dense, "ppl": result.sparse_ppl, "ppl_limit": limit, "cett": c,
             "activation_sparsity": neurons, "effective_sparsity": result.achieved_sparsity,
-            "down_share_of_linear_params": sum(v for k, v in params.items() if k.endswith(".down")) / sum(params.values()),
+            "down_share_of_linear_params":
+                sum(v for k, v in params.items() if k.endswith(".down")) / sum(params.values()),
             "per_layer_activation_sparsity": {k: v for k, v in sorted(result.dropped.items(),
                                                                         key=lambda kv: split_key(kv[0])[0])}}

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from actlab.transforms.sparsity.allocation import subset_fraction
 from actlab.models.keys import split_key
+from actlab.transforms.sparsity.allocation import subset_fraction
 from actlab.transforms.sparsity.base import Sparsifier
 from actlab.transforms.sparsity.budget import projection_keys, projection_params
 from actlab.transforms.sparsity.recipe import MaskRule, build_recipe

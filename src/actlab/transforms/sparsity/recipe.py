@@ -123,8 +123,8 @@ class SparsityRecipe(Recipe):
         shapes = projection_shapes(adapter)
         for key, rule in {**self.rules, **dict.fromkeys(self.bias)}.items():
             if key not in shapes:
-                raise ConfigError(f"rule for {key}: this model has no such projection (layers 0-{adapter.num_layers - 1}"
-                                  f", roles {', '.join(adapter.layers[0].linears)})")
+                raise ConfigError(f"rule for {key}: this model has no such projection (layers "
+                                  f"0-{adapter.num_layers - 1}, roles {', '.join(adapter.layers[0].linears)})")
             if rule is not None and rule.source == "act" and split_key(key)[1] != "down":
                 raise ConfigError(f"rule for {key}: an activation rule (source act) is keyed by the layer's down "
                                   "projection")
