@@ -1,7 +1,26 @@
-"""actlab: profile the insides of Hugging Face causal LMs and transform them, with the cost measured."""
+"""actlab: profile the insides of Hugging Face causal LMs and transform them, with the cost measured.
+
+The top-level names are imported on first use (PEP 562), so `import actlab` and the command line's help and
+argument errors do not wait for torch and transformers."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from actlab.errors import ActlabError
-from actlab.models import LoadedModel, load_model, wrap
 
 __version__ = "0.1.0"
+_LAZY = {"LoadedModel": "actlab.models", "load_model": "actlab.models", "wrap": "actlab.models"}
 __all__ = ["ActlabError", "LoadedModel", "__version__", "load_model", "wrap"]
+
+if TYPE_CHECKING:
+    from actlab.models import LoadedModel, load_model, wrap  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'actlab' has no attribute {name!r}")

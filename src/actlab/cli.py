@@ -306,6 +306,10 @@ def bench_decode_cmd(
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and not {"--help", "-h"} & set(sys.argv):
+        from actlab import threads
+
+        threads.configure(log=_log)  # before torch is imported: thread count and OpenMP wait policy
     try:
         app()
     except ActlabError as exc:
