@@ -4,7 +4,7 @@
                                       [--tasks arc_easy,arc_challenge,piqa,hellaswag,lambada]
 
 lm-eval runs in its own virtual environment (bench/.venvs/lm-eval, created on first use: the CPU torch of
-this machine, then `pip install "lm-eval>=0.4,<0.5"`); it is never an actlab dependency. Both tools read the
+this machine, then `pip install "lm-eval[hf]>=0.4,<0.5"`); it is never an actlab dependency. Both tools read the
 same documents: actlab's task readers write the first --limit items of each task to a temporary jsonl, and
 a custom lm-eval task YAML per task points at it with the same prompt, choice and target templates as
 actlab's built-in task (lm-eval's own prompts for these tasks). lm-eval loads the model from actlab's cache
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / "bench" / ".venvs" / "lm-eval"
 TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
-LM_EVAL_SPEC = "lm-eval>=0.4,<0.5"
+LM_EVAL_SPEC = "lm-eval[hf]>=0.4,<0.5"
 TASKS = "arc_easy,arc_challenge,piqa,hellaswag,lambada"
 
 
@@ -67,10 +67,11 @@ def run_lm_eval(python: Path, model_dir: Path, tasks: list[str], include: Path, 
         files = sorted(out.rglob(f"samples_actlab_{task}_*.jsonl"))
         rows = [json.loads(line) for line in files[-1].read_text().splitlines()]
         samples[task] = {r["doc_id"]: r for r in rows}
-    return samples
+    results = json.loads(sorted(out.rglob("results_*.json"))[-1].read_text())["results"]
+    return samples, {t: results[f"actlab_{t}"] for t in tasks}
 
 
-def compare(task: str, spec, ours, theirs: dict) -> list[dict]:
+def compare(task: str, spec, ours, theirs: dict, summary: dict) -> list[dict]:
     out = []
     lls, acc, acc_norm = [], 0, 0
     for record in ours.records:
@@ -83,9 +84,12 @@ def compare(task: str, spec, ours, theirs: dict) -> list[dict]:
             acc += int(record["acc"] == int(other["acc"]))
             acc_norm += int(record["acc_norm"] == int(other["acc_norm"]))
     n = len(ours.records)
-    out.append({"task": task, "metric": "acc", "items": n, "agree": acc, "max_abs_ll_diff": max(lls)})
-    if spec.output_type == "multiple_choice":
-        out.append({"task": task, "metric": "acc_norm", "items": n, "agree": acc_norm, "max_abs_ll_diff": max(lls)})
+    agree = {"acc": acc, "acc_norm": acc_norm, "perplexity": None}
+    for metric in ours.metrics:
+        value, stderr = ours.metrics[metric]
+        out.append({"task": task, "metric": metric, "items": n, "agree": agree[metric], "max_abs_ll_diff": max(lls),
+                    "actlab": value, "actlab_stderr": stderr, "lm_eval": summary.get(f"{metric},none"),
+                    "lm_eval_stderr": summary.get(f"{metric}_stderr,none")})
     return out
 
 
@@ -115,17 +119,18 @@ def main() -> None:
         lm = actlab.load_model(model)
         model_dir = cache.entry_path(model) if cache.valid_entry(model) else Path(lm.provenance["path"])
         ours = evaluate(lm, list(specs.values()), [Column(DENSE)], limit=args.limit, progress=False).columns[0]
-        theirs = run_lm_eval(python, model_dir, names, work, work / f"out-{model}", args.limit)
+        theirs, summaries = run_lm_eval(python, model_dir, names, work, work / f"out-{model}", args.limit)
         for t in names:
-            rows = compare(t, specs[t], ours.results[t], theirs[t])
+            rows = compare(t, specs[t], ours.results[t], theirs[t], summaries[t])
             for row in rows:
                 row["model"] = model
-                print(f"{model} {row['task']} {row['metric']}: {row['agree']}/{row['items']} agree, "
-                      f"max |Δ loglikelihood| {row['max_abs_ll_diff']:.2e}", flush=True)
             table += rows
-    lines = ["| model | task | metric | items | agree | max abs Δ log-likelihood |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['task']} | {r['metric']} | {r['items']} | {r['agree']} | "
-              f"{r['max_abs_ll_diff']:.2e} |" for r in table]
+    lines = ["| model | task | metric | items | items that agree | max abs Δ log-likelihood | actlab | lm-eval |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['task']} | {r['metric']} | {r['items']} | "
+              f"{'-' if r['agree'] is None else r['agree']} | {r['max_abs_ll_diff']:.2e} | "
+              f"{r['actlab']:.4f} ± {r['actlab_stderr']:.4f} | {r['lm_eval']:.4f} ± {r['lm_eval_stderr']:.4f} |"
+              for r in table]
     print("\n".join(lines))
     result = {"limit": args.limit, "lm_eval": LM_EVAL_SPEC, "rows": table}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

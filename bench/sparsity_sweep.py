@@ -65,20 +65,30 @@ def method_version(name: str) -> str:
     return code_fingerprint(inspect.getsource(inspect.getmodule(METHODS[name])))
 
 
-# Zero-shot scoring version in the task cells' keys: "kv" = the context once per item, its KV cache shared
-# by the choices (eval/tasks.py since commit 2005b55). Hard thresholds make sparse models' scores depend on
-# float rounding, so cells of different scoring code are not mixed in one table.
-TASK_SCORING = "kv"
+# Zero-shot scoring version in the task cells' keys. "kv" (round 1): the context once per item, its KV cache
+# shared by the choices, acc_norm per character of delimiter + choice. "lmeval" (actlab eval): the same
+# computation with lm-eval's continuation tokens and acc_norm per character of the choice alone. Hard
+# thresholds make sparse models' scores depend on float rounding, so cells of different scoring code are not
+# mixed in one table.
+TASK_SCORING = "lmeval"
+SWEEP_TASKS = ("arc_easy", "piqa")
 
 
-def task_key(args, base: str, spec: str) -> str:
+def task_key(args, base: str, spec: str, scoring: str = TASK_SCORING) -> str:
     version = "" if spec == "dense" else method_version(parse_method(spec)[0])
-    return f"{base}|tasks{args.task_items}{TASK_SCORING}|{spec}|{version}|{args.tasks_at}"
+    return f"{base}|tasks{args.task_items}{scoring}|{spec}|{version}|{args.tasks_at}"
+
+
+LEGACY_SCORING = "kv"  # shown, marked, where no cell of the current scoring exists yet
 
 
 def cell_prefix(args, model: str) -> str:
     base = f"v{SWEEP_VERSION}|{model}|w{args.windows}|c{args.calib_windows}|L{args.seq_len}|r{args.refine}"
     return base if args.positions == "all" else f"{base}|{args.positions}"
+
+
+def recipe_file(out: Path, model: str, spec: str, level: float) -> Path:
+    return out / "recipes" / f"{model}-{spec.replace(':', '_').replace('=', '-')}-{level}.json"
 
 
 class Cells:
@@ -108,8 +118,10 @@ def run(args) -> None:
     from actlab.data import WindowSpec, load_corpus, make_windows
     from actlab.data.tasks import load_task
     from actlab.eval import perplexity
-    from actlab.eval.tasks import evaluate_task
-    from actlab.transforms.sparsity import CalibrationData, attach, calibrate
+    from actlab.eval.harness import Column
+    from actlab.eval.harness import evaluate as evaluate_tasks
+    from actlab.transforms import load_recipe
+    from actlab.transforms.sparsity import CalibrationData, calibrate
     from actlab.transforms.sparsity.harness import evaluate
 
     out = Path(args.out)
@@ -118,7 +130,7 @@ def run(args) -> None:
     for spec in args.methods.split(","):
         method_version(parse_method(spec)[0])
     levels = [float(x) for x in args.levels.split(",")]
-    tasks = {name: load_task(name, args.task_items) for name in ("arc_easy", "piqa")} if args.task_items else {}
+    tasks = [load_task(name) for name in SWEEP_TASKS] if args.task_items else []
 
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -136,11 +148,8 @@ def run(args) -> None:
         log(f"{model} dense ppl {cells.get(f'{base}|dense')['ppl']:.3f}")
 
         def run_tasks():
-            recipes = {spec: out / "recipes" / f"{model}-{spec.replace(':', '_').replace('=', '-')}-{args.tasks_at}.json"
-                       for spec in args.methods.split(",")}
-            # zero-shot tasks: dense and every method at --tasks-at
-            from actlab.transforms.sparsity import SparsityRecipe
-
+            recipes = {spec: recipe_file(out, model, spec, args.tasks_at) for spec in args.methods.split(",")}
+            # zero-shot tasks: dense and every method at --tasks-at, on actlab eval's harness
             for spec in ["dense"] + args.methods.split(","):
                 key = task_key(args, base, spec)
                 if cells.get(key) is not None:
@@ -148,14 +157,12 @@ def run(args) -> None:
                 if spec != "dense" and not recipes[spec].exists():
                     cells.put(key, {"error": "no recipe at this level"})
                     continue
-                scores = {}
-                import contextlib
-
-                ctx = contextlib.nullcontext() if spec == "dense" else attach(lm, SparsityRecipe.load(recipes[spec]))
-                with ctx:
-                    for tname, items in tasks.items():
-                        r = evaluate_task(lm, tname, items, progress=False)
-                        scores[tname] = {"acc": r.acc, "acc_norm": r.acc_norm, "items": r.items, "seconds": r.seconds}
+                recipe = None if spec == "dense" else load_recipe(recipes[spec])
+                column = evaluate_tasks(lm, tasks, [Column(spec, recipe)], limit=args.task_items, progress=False,
+                                        log=lambda *a: None).columns[0]
+                scores = {t: {"acc": r.metrics["acc"][0], "acc_norm": r.metrics["acc_norm"][0], "items": r.n,
+                              "acc_stderr": r.metrics["acc"][1], "acc_norm_stderr": r.metrics["acc_norm"][1],
+                              "seconds": r.seconds} for t, r in column.results.items()}
                 cells.put(key, scores)
                 log(f"{model} tasks {spec}: " + ", ".join(f"{t} {v['acc']:.3f}/{v['acc_norm']:.3f}"
                                                          for t, v in scores.items()))
@@ -165,7 +172,7 @@ def run(args) -> None:
             for spec in args.methods.split(","):
                 name, params = parse_method(spec)
                 key = f"{base}|{spec}|{method_version(name)}|{level}"
-                recipe_path = out / "recipes" / f"{model}-{spec.replace(':', '_').replace('=', '-')}-{level}.json"
+                recipe_path = recipe_file(out, model, spec, level)
                 if cells.get(key) is not None and (recipe_path.exists() or "error" in cells.get(key)):
                     continue
                 t0 = time.time()
@@ -202,7 +209,9 @@ def collect(args, cells: Cells) -> dict:
             version = method_version(name)
             m["methods"][spec] = {str(level): cells.get(f"{base}|{spec}|{version}|{level}") for level in levels}
         for spec in ["dense"] + args.methods.split(","):
-            m["tasks"][spec] = cells.get(task_key(args, base, spec))
+            cell = cells.get(task_key(args, base, spec))
+            legacy = cells.get(task_key(args, base, spec, LEGACY_SCORING))
+            m["tasks"][spec] = cell if cell is not None or legacy is None else {**legacy, "scoring": LEGACY_SCORING}
         table["models"][model] = m
     return table
 
@@ -244,13 +253,17 @@ def report(args, cells: Cells) -> None:
         lines.append("| method | ARC-Easy | PIQA |")
         lines.append("|---|---|---|")
         for spec, t in m["tasks"].items():
+            mark = "†" if t is not None and t.get("scoring") == LEGACY_SCORING else ""
             if t is None:
                 lines.append(f"| {spec} | … | … |")
             elif "error" in t:
                 lines.append(f"| {spec} | {t['error']} | |")
             else:
-                lines.append(f"| {spec} | {t['arc_easy']['acc']:.3f} / {t['arc_easy']['acc_norm']:.3f} | "
-                             f"{t['piqa']['acc']:.3f} / {t['piqa']['acc_norm']:.3f} |")
+                lines.append(f"| {spec} | {t['arc_easy']['acc']:.3f} / {t['arc_easy']['acc_norm']:.3f}{mark} | "
+                             f"{t['piqa']['acc']:.3f} / {t['piqa']['acc_norm']:.3f}{mark} |")
+        if any(t is not None and t.get("scoring") == LEGACY_SCORING for t in m["tasks"].values()):
+            lines.append("\n† round 1's scoring: acc_norm per character of the delimiter and the choice (lm-eval: the "
+                         "choice alone); acc is the same computation.")
     atomic_write_text(out / "sweep.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(table, out)

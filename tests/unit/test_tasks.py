@@ -209,3 +209,17 @@ def test_builtin_tasks_read_the_shared_files():
     text = json.loads((root / "lambada" / "lambada_test.jsonl").read_text().splitlines()[0])["text"]
     assert lambada[0].contexts[0] + lambada[0].continuations[0] == text
     assert lambada[0].continuations[0] == " " + text.split(" ")[-1]
+
+
+def test_speed_column_per_recipe(tiny_llama, tmp_path):
+    """--speed: decode tokens/s and engine memory where the engine runs the recipe, the reason where it cannot."""
+    from actlab.jobs.eval import decode_speed
+    from actlab.transforms.layers import LayerRecipe
+    from actlab.transforms.steer import InterventionRecipe, SiteEdit
+
+    dense = decode_speed(tiny_llama, None, log=lambda *a: None, tokens=8, reps=1)
+    dropped = decode_speed(tiny_llama, LayerRecipe("m", tiny_llama.identity.to_dict(), ["L1"]), log=lambda *a: None,
+                           tokens=8, reps=1)
+    assert dense["decode_tok_s"] > 0 and dropped["engine_mb"] < dense["engine_mb"]
+    push = InterventionRecipe("m", tiny_llama.identity.to_dict(), [SiteEdit("L0.resid_out", "zero")])
+    assert "cannot run steer" in decode_speed(tiny_llama, push, log=lambda *a: None)["error"]

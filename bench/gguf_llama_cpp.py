@@ -1,0 +1,95 @@
+"""Does llama.cpp run what `actlab export --format gguf` writes? Greedy tokens of llama.cpp (through
+llama-cpp-python) against actlab's (HF generate on the same float32 weights), on the same prompt tokens.
+
+    python bench/gguf_llama_cpp.py [--models smollm2-135m,gemma3-270m] [--tokens 32] [--recipe R]
+
+llama-cpp-python is installed in its own virtual environment (bench/.venvs/llama-cpp, built from source on first
+use; never an actlab dependency). The prompt is tokenized by both tools and the token ids compared; llama.cpp
+then continues the same ids greedily (top-k 1). Prints a table, writes bench/results/gguf_llama_cpp.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = ROOT / "bench" / ".venvs" / "llama-cpp"
+PROMPT = "The history of the city begins in the early middle ages, when"
+
+RUNNER = r"""
+import json, sys
+from llama_cpp import Llama
+path, prompt, ids, tokens = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+llm = Llama(model_path=path, n_ctx=512, n_threads=2, verbose=False)
+own = llm.tokenize(prompt.encode(), add_bos=llm.metadata.get("tokenizer.ggml.add_bos_token") == "true")
+out = []
+for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+    out.append(int(token))
+    if len(out) == tokens:
+        break
+print(json.dumps({"tokens": out, "prompt_ids": own}))
+"""
+
+
+def llama_cpp_python() -> Path:
+    python = VENV / "bin" / "python"
+    if not (VENV / ".installed").is_file():
+        print(f"creating {VENV} and building llama-cpp-python from source (once, several minutes) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "llama-cpp-python", "numpy"], check=True)
+        (VENV / ".installed").touch()
+    return python
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--recipe", default=None, help="export with this recipe (one that folds into weights)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gguf_llama_cpp.json"))
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    import actlab
+    from actlab.engine.reference import hf_generate
+    from actlab.export import export_gguf
+    from actlab.transforms import attach, load_recipe
+
+    python = llama_cpp_python()
+    rows = []
+    work = Path(tempfile.mkdtemp(prefix="actlab-gguf-"))
+    for model in args.models.split(","):
+        lm = actlab.load_model(model)
+        recipe = load_recipe(args.recipe) if args.recipe else None
+        path = work / f"{model}.gguf"
+        export_gguf(lm, recipe, path)
+        ids = lm.tokenizer(PROMPT)["input_ids"]
+        if recipe is not None:
+            with attach(lm, recipe):
+                ours = hf_generate(lm, ids, args.tokens)
+        else:
+            ours = hf_generate(lm, ids, args.tokens)
+        out = subprocess.run([str(python), "-c", RUNNER, str(path), PROMPT, json.dumps(ids), str(args.tokens)],
+                             capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"llama.cpp failed on {path}:\n{out.stderr[-3000:]}")
+        theirs = json.loads(out.stdout.strip().splitlines()[-1])
+        same = next((i for i, (a, b) in enumerate(zip(ours, theirs["tokens"])) if a != b), len(ours))
+        rows.append({"model": model, "gguf_mb": path.stat().st_size / 1e6,
+                     "prompt_ids_equal": theirs["prompt_ids"] == ids, "tokens": args.tokens, "equal_prefix": same,
+                     "actlab": ours, "llama_cpp": theirs["tokens"], "text_actlab": lm.tokenizer.decode(ours),
+                     "text_llama_cpp": lm.tokenizer.decode(theirs["tokens"])})
+        print(rows[-1], flush=True)
+    lines = ["| model | GGUF MB | prompt tokenized alike | greedy tokens equal |", "|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['gguf_mb']:.0f} | {r['prompt_ids_equal']} | {r['equal_prefix']} of {r['tokens']} |"
+              for r in rows]
+    print("\n".join(lines))
+    Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
