@@ -18,18 +18,30 @@ DEFAULT_MODEL = "smollm2-135m"
 CORPUS_HELP = "a text file, a directory of .txt files, python-docs, wikitext2[:test|:valid] or hf:NAME[:CONFIG]:SPLIT"
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="built-in name, HF hub id, HF directory or .gguf path")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
-SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="tokens per window")]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", min=2, help="tokens per window")]
 CalibOpt = Annotated[str | None, typer.Option(help=f"calibration corpus ({CORPUS_HELP}; default: the calibration "
                                                    "half of python-docs)")]
 EvalDataOpt = Annotated[str | None, typer.Option("--eval", help=f"evaluation corpus ({CORPUS_HELP}; default: the "
                                                                "evaluation half of python-docs)")]
-WindowsOpt = Annotated[int, typer.Option(help="evaluation windows")]
-CalibWindowsOpt = Annotated[int, typer.Option("--calib-windows", help="calibration windows")]
+WindowsOpt = Annotated[int, typer.Option(min=1, help="evaluation windows")]
+CalibWindowsOpt = Annotated[int, typer.Option("--calib-windows", min=1, help="calibration windows")]
 TASKS = "wikitext2,lambada,arc_easy,arc_challenge,piqa,hellaswag"
 
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr)
+
+
+@app.callback()
+def _options(
+    allow_missing_weights: Annotated[bool, typer.Option("--allow-missing-weights", help="load a checkpoint that "
+                                                        "lacks weights (they are random; every output says so)")]
+    = False,
+) -> None:
+    if allow_missing_weights:
+        import os
+
+        os.environ["ACTLAB_ALLOW_MISSING_WEIGHTS"] = "1"
 
 
 def _emit(obj: dict, as_json: bool, human: str) -> None:
@@ -77,10 +89,10 @@ def ppl_cmd(
     model: ModelOpt = DEFAULT_MODEL,
     data: Annotated[str | None, typer.Option(help=f"corpus: {CORPUS_HELP}")] = None,
     seq_len: SeqLenOpt = 1024,
-    windows: Annotated[int | None, typer.Option(help="number of windows (default: all)")] = None,
-    offset: Annotated[int, typer.Option(help="first token of the first window")] = 0,
+    windows: Annotated[int | None, typer.Option(min=1, help="number of windows (default: all)")] = None,
+    offset: Annotated[int, typer.Option(min=0, help="first token of the first window")] = 0,
     bos: Annotated[str, typer.Option(help="tokenizer | every | none")] = "tokenizer",
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="windows per forward (default: auto)")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="windows per forward (auto)")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Perplexity of a model on a corpus (non-overlapping windows from the start, GPTQ/TEAL protocol)."""
@@ -93,7 +105,8 @@ def ppl_cmd(
     spec = WindowSpec(seq_len=seq_len, num_windows=windows, offset=offset, bos=bos)  # type: ignore[arg-type]
     ids = make_windows(lm.tokenizer, corpus, spec, lm.max_context)
     result = perplexity(lm, ids, batch_size=batch_size)
-    out = {**result.to_dict(), "stderr": result.stderr(), "data": corpus.name, "protocol": spec.describe()}
+    out = {**result.to_dict(), "stderr": result.stderr(), "data": corpus.name, "protocol": spec.describe(),
+           **({"warnings": lm.provenance["warnings"]} if lm.provenance.get("warnings") else {})}
     _emit(out, as_json, f"{lm.name} on {corpus.name}: ppl {result.ppl:.4f} ± {result.stderr():.4f} over "
                         f"{result.tokens} predicted tokens ({result.windows} windows x {result.seq_len}) in "
                         f"{result.seconds:.1f}s")
@@ -101,24 +114,27 @@ def ppl_cmd(
 
 @app.command("profile")
 def profile_cmd(
-    model: ModelOpt = DEFAULT_MODEL,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="built-in name, HF hub id, HF directory or "
+                                              ".gguf path (default smollm2-135m; with --resume the run's)")] = None,
     data: Annotated[str | None, typer.Option(help=f"corpus ({CORPUS_HELP}; default: python-docs)")] = None,
-    tokens: Annotated[int, typer.Option(help="tokens to profile (rounded up to whole windows)")] = 32 * 1024,
-    seq_len: SeqLenOpt = 1024,
+    tokens: Annotated[int, typer.Option(min=1, help="tokens to profile (rounded up to whole windows)")] = 32 * 1024,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", min=2, help="tokens per window (default 1024)")] = None,
     sites: Annotated[str | None, typer.Option(help="site patterns, e.g. 'L*.down_in,L*.resid_out'")] = None,
     out: Annotated[str | None, typer.Option(help="run directory (default runs/<model>-<time>)")] = None,
     resume: Annotated[bool, typer.Option(help="continue a partial run, or extend a complete one to --tokens")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run in --out")] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="windows per forward")] = 1,
-    query_stride: Annotated[int, typer.Option(help="attention statistics read every n-th query")] = 16,
-    lens_stride: Annotated[int, typer.Option(help="logit lens reads every n-th position")] = 128,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="windows per forward (1)")] = None,
+    query_stride: Annotated[int | None, typer.Option(min=1, help="attention statistics read every n-th query "
+                                                                "(default 16)")] = None,
+    lens_stride: Annotated[int | None, typer.Option(min=1, help="logit lens reads every n-th position "
+                                                               "(default 128)")] = None,
 ) -> None:
     """Profile activations at every site and write tables, raw state and report.html into a run directory."""
     import time as _time
 
     from actlab.jobs.profile import ProfileOptions, profile
 
-    out = out or f"runs/{Path(model).name}-{_time.strftime('%Y%m%d-%H%M%S')}"
+    out = out or f"runs/{Path(model or DEFAULT_MODEL).name}-{_time.strftime('%Y%m%d-%H%M%S')}"
     options = ProfileOptions(sites=sites, query_stride=query_stride, lens_stride=lens_stride, batch_size=batch_size)
     run = profile(model, data, out, tokens=tokens, seq_len=seq_len, options=options, resume=resume,
                   overwrite=overwrite, log=_log)
@@ -191,7 +207,8 @@ def eval_cmd(
     recipe: Annotated[list[str] | None, typer.Option(help="a recipe file to evaluate beside dense (repeat for more "
                                                           "columns; a composed recipe file is one column)")] = None,
     tasks: Annotated[str, typer.Option(help="comma-separated task names or task YAML files")] = TASKS,
-    limit: Annotated[int | None, typer.Option(help="the first N items of each task (windows for perplexity)")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="the first N items of each task (windows for "
+                                                          "perplexity)")] = None,
     out: Annotated[str | None, typer.Option(help="write results.json, per-item records and compare.html here")] = None,
     speed: Annotated[bool, typer.Option("--speed", help="also measure decode tokens/s and engine memory")] = False,
     as_json: JsonOpt = False,
@@ -253,9 +270,9 @@ def sparsity_at_ppl_cmd(
     eval_data: EvalDataOpt = None,
     seq_len: SeqLenOpt = 1024,
     windows: WindowsOpt = 16,
-    calib_windows: Annotated[int, typer.Option("--calib-windows", help="windows whose FFN activations fix the "
+    calib_windows: Annotated[int, typer.Option("--calib-windows", min=1, help="windows whose FFN activations fix the "
                                                                         "per-layer thresholds")] = 4,
-    steps: Annotated[int, typer.Option(help="bisection steps on the common CETT")] = 8,
+    steps: Annotated[int, typer.Option(min=1, help="bisection steps on the common CETT")] = 8,
     as_json: JsonOpt = False,
 ) -> None:
     """PPL-p% sparsity (Sparsing Law): the highest FFN activation sparsity with perplexity within p% of dense."""
@@ -279,8 +296,8 @@ def bench_decode_cmd(
     method: Annotated[str | None, typer.Option(help="sparsity method (default: the best one, loss-aware)")] = None,
     sparsity: Annotated[float, typer.Option(help="target effective sparsity")] = 0.5,
     recipe: Annotated[str | None, typer.Option(help="a saved recipe (any the engine runs) instead of --method")] = None,
-    tokens: Annotated[int, typer.Option(help="new tokens per generation")] = 64,
-    reps: Annotated[int, typer.Option(help="repetitions (median reported)")] = 5,
+    tokens: Annotated[int, typer.Option(min=2, help="new tokens per generation")] = 64,
+    reps: Annotated[int, typer.Option(min=1, help="repetitions (median reported)")] = 5,
     calib: Annotated[str | None, typer.Option(help="calibration corpus for --method")] = None,
     profile: Annotated[bool, typer.Option(help="also print where the sparse engine's time goes")] = False,
     as_json: JsonOpt = False,
@@ -305,19 +322,41 @@ def bench_decode_cmd(
         "with a float32 LM head)"]))
 
 
+def _click_exceptions():
+    try:
+        from typer._click import exceptions  # typer >= 0.2x carries its own click
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
 def main() -> None:
+    click = _click_exceptions()
     if len(sys.argv) > 1 and not {"--help", "-h"} & set(sys.argv):
         from actlab import threads
 
         threads.configure(log=_log)  # before torch is imported: thread count and OpenMP wait policy
     try:
-        app()
+        code = app(standalone_mode=False)
     except ActlabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except click.NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help() if exc.ctx else str(exc))
+        sys.exit(0)
+    except click.ClickException as exc:  # bad arguments: one line, like every other error
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except (KeyboardInterrupt, typer.Abort):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:  # a full disk, a read-only or missing directory: the path and the cause
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        sys.exit(2)
+    if code == 130:  # typer turns Ctrl-C into exit code 130 before it reaches the handler above
+        print("interrupted", file=sys.stderr)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -47,11 +47,12 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Build a directory under a temporary name and rename it into place only when complete.
 
     If the body raises (or the process is killed), `path` never appears; the leftover temporary
-    directory starts with `.tmp-` so that nothing mistakes it for a finished one.
+    directory, `.tmp-<pid>-<name>-...`, is named so that nothing mistakes it for a finished one and a later
+    process can tell that its writer is gone (`stale_temporaries`).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-{target.name}-", dir=target.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
@@ -62,6 +63,36 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+TMP_PREFIX = ".tmp-"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_temporaries(parent: Path, max_age: float) -> list[Path]:
+    """Temporary directories under `parent` whose writing process is gone, or older than `max_age` seconds."""
+    import time
+
+    stale = []
+    now = time.time()
+    for p in parent.glob(f"{TMP_PREFIX}*"):
+        owner = p.name[len(TMP_PREFIX):].split("-", 1)[0]
+        try:
+            gone = owner.isdigit() and not pid_alive(int(owner))
+            if gone or now - p.stat().st_mtime > max_age:
+                stale.append(p)
+        except OSError:
+            pass
+    return stale
 
 
 def _umask() -> int:

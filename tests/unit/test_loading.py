@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -156,3 +157,69 @@ def test_convert_refuses_unreadable_before_writing(tmp_cache, tmp_path):
     with pytest.raises(ModelLoadError):
         _convert_gguf(bad, "k", {}, print)
     assert cache.valid_entry("k") is None
+
+
+def _save(lm, path, tokenizer=True):
+    lm.model.save_pretrained(path)
+    if tokenizer:
+        lm.tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_checkpoint_missing_weights_is_refused(tmp_path, monkeypatch):
+    """A tensor removed from the checkpoint (transformers would initialise it at random), or a base-model
+    checkpoint of a model with an untied head: an error naming the weights; allowed on request, with a warning
+    carried by the outputs."""
+    from safetensors.torch import load_file, save_file
+
+    lm = actlab.load_model("tiny-mistral")  # untied LM head
+    path = _save(lm, tmp_path / "cut")
+    weights = load_file(str(path / "model.safetensors"))
+    weights.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"1 weight missing \(model.layers.1.mlp.up_proj.weight\)"):
+        actlab.load_model(str(path))
+    base = tmp_path / "base"
+    lm.model.model.save_pretrained(base)
+    lm.tokenizer.save_pretrained(base)
+    with pytest.raises(ModelLoadError, match=r"missing \(lm_head.weight\)"):
+        actlab.load_model(str(base))
+    monkeypatch.setenv("ACTLAB_ALLOW_MISSING_WEIGHTS", "1")
+    said = []
+    loaded = actlab.load_model(str(path), log_fn=said.append)
+    assert "missing" in loaded.provenance["warnings"][0] and said and said[0].startswith("warning:")
+
+
+def test_own_directories_get_clear_errors(tmp_path, monkeypatch, tiny_llama):
+    _save(tiny_llama, tmp_path / "no-tokenizer", tokenizer=False)
+    with pytest.raises(ModelLoadError, match="has no tokenizer"):
+        actlab.load_model(str(tmp_path / "no-tokenizer"))
+    big = _save(tiny_llama, tmp_path / "big-tokenizer")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(big)
+    tok.add_tokens([f"<extra{i}>" for i in range(20)])
+    tok.save_pretrained(big)
+    with pytest.raises(ModelLoadError, match=r"tokenizer has 280 tokens but the model's embedding only 260"):
+        actlab.load_model(str(big))
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match="no such model directory models/llamaX"):
+        actlab.load_model("models/llamaX")  # a typo, not a hub id: no 30 s of retries
+
+
+def test_a_killed_conversion_leaves_nothing_for_long(tmp_cache):
+    """The temporary directory of a process that is gone is removed by the next conversion, not a day later."""
+    import subprocess
+    import sys
+
+    cache.models_dir().mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = cache.models_dir() / f".tmp-{int(dead.stdout)}-smollm2-135m-abcd"
+    orphan.mkdir()
+    (orphan / "model.safetensors").write_bytes(b"x" * 1000)
+    mine = cache.models_dir() / f".tmp-{os.getpid()}-other-efgh"  # a live writer's: kept
+    mine.mkdir()
+    with cache.new_entry("fresh", {"source": "test"}) as tmp:
+        (tmp / "f").write_text("y")
+    assert not orphan.exists() and mine.exists() and cache.valid_entry("fresh")

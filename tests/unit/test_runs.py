@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -205,3 +206,83 @@ def test_profile_command_on_every_tiny_architecture(tmp_path, model):
     layers = pd.read_parquet(tmp_path / "run" / "tables" / "layers.parquet")
     assert len(layers) == manifest["model"]["architecture"]["layers"]
     assert (tmp_path / "run" / "report.html").stat().st_size > 10_000
+
+
+# -- runs know their model (identity), options and sources -----------------------------------------
+
+def _saved(lm, path):
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+def test_resume_and_merge_compare_model_identity_not_the_name_typed(tmp_path, monkeypatch, tiny_llama):
+    import actlab
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    _saved(tiny_llama, one / "models" / "m")
+    _saved(actlab.load_model("tiny-qwen2"), two / "models" / "m")  # another model under the same relative name
+    monkeypatch.chdir(one)
+    profile("models/m", None, tmp_path / "r", tokens=128, **KW)
+    profile("models/m", None, tmp_path / "r2", tokens=128, **KW)
+    monkeypatch.chdir(two)
+    with pytest.raises(RunDirectoryError, match="is another model"):
+        profile("models/m", None, tmp_path / "r", tokens=256, resume=True, **KW)
+    run = profile(None, None, tmp_path / "r", tokens=256, resume=True, **KW)  # the run's own model, by identity
+    assert run.manifest()["windows_done"] == 4
+    profile("models/m", None, tmp_path / "q", tokens=128, **KW)
+    with pytest.raises(RunDirectoryError, match="runs of different models cannot be merged"):
+        merge([tmp_path / "r", tmp_path / "q"], tmp_path / "rq", log=lambda *a: None)
+    merge([tmp_path / "r", tmp_path / "r2"], tmp_path / "both", log=lambda *a: None)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(seq_len=32), r"--seq-len 32 \(the run has 64\)"),
+    (dict(options=ProfileOptions(sites="L*.down_in", query_stride=4, lens_stride=8)), r"--sites L\*.down_in"),
+    (dict(options=ProfileOptions(query_stride=2, lens_stride=8)), r"--query-stride 2 \(the run has 4\)"),
+])
+def test_resume_refuses_conflicting_options(tmp_path, tiny_llama, change, message):
+    profile("tiny-llama", None, tmp_path / "r", tokens=128, lm=tiny_llama, **KW)
+    kw = {**KW, **change}
+    with pytest.raises(RunDirectoryError, match=message):
+        profile("tiny-llama", None, tmp_path / "r", tokens=256, resume=True, lm=tiny_llama, **kw)
+    assert RunDirectory(tmp_path / "r").manifest()["windows_done"] == 2  # nothing was changed
+
+
+def test_a_run_is_not_merged_with_itself(tmp_path, tiny_llama):
+    import shutil
+
+    profile("tiny-llama", None, tmp_path / "a", tokens=128, lm=tiny_llama, **KW)
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    for pair in ([tmp_path / "a", tmp_path / "a"], [tmp_path / "a", tmp_path / "copy"]):
+        with pytest.raises(RunDirectoryError, match="count its tokens twice"):
+            merge(pair, tmp_path / "m", log=lambda *a: None)
+    assert not (tmp_path / "m").exists()
+
+
+def test_resumed_tables_keep_the_forward_order(tmp_path, tiny_llama):
+    profile("tiny-llama", None, tmp_path / "small", tokens=128, lm=tiny_llama, **KW)
+    profile("tiny-llama", None, tmp_path / "small", tokens=256, resume=True, lm=tiny_llama, **KW)
+    profile("tiny-llama", None, tmp_path / "big", tokens=256, lm=tiny_llama, **KW)
+    for table in ("sites", "channels", "layers"):
+        a = pd.read_parquet(tmp_path / "small" / "tables" / f"{table}.parquet")
+        b = pd.read_parquet(tmp_path / "big" / "tables" / f"{table}.parquet")
+        key = "site" if "site" in a else "layer"
+        assert list(a[key]) == list(b[key]), table
+
+
+def test_bad_run_directories_are_clear_errors(tmp_path, tiny_llama, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunDirectoryError, match="is a file"):
+        profile("tiny-llama", None, tmp_path / "file", tokens=128, lm=tiny_llama, **KW)
+    with pytest.raises(CorpusError):
+        profile("tiny-llama", str(tmp_path / "absent.txt"), tmp_path / "refused", tokens=128, lm=tiny_llama, **KW)
+    assert not (tmp_path / "refused").exists()  # a refused start leaves no empty directory
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "manifest.json").write_text(json.dumps({"model": {"name": "x"}}))
+    with pytest.raises(RunDirectoryError, match="not an actlab run manifest: it lacks status"):
+        rerender(bare)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    run = profile("tiny-llama", None, "~/run", tokens=128, lm=tiny_llama, **KW)
+    assert run.path == tmp_path / "home" / "run" and not (Path.cwd() / "~").exists()

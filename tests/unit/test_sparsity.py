@@ -511,3 +511,20 @@ def test_typical_gradient_is_not_owned_by_one_token(setup):
     energy = g.pow(2).sum(-1)
     expect = ((g.pow(2) / energy.clamp_min(1e-300)[:, None]).mean(0) * energy.median()).sqrt().float()
     torch.testing.assert_close(typical[key], expect, rtol=1e-4, atol=1e-9)
+
+
+def test_a_saved_recipe_reproduces_its_positions(setup, tmp_path):
+    """`sparsify --recipe` keeps what the recipe records (last-half) unless --positions says otherwise."""
+    from actlab.jobs.sparsify import sparsify
+
+    lm, calib, _ = setup
+    recipe = calibrate("magnitude", calib, 0.5)
+    recipe.positions = "last-half"
+    recipe.save(tmp_path / "r.json")
+    kw = dict(method=None, sparsity=None, calib=None, eval_data=None, seq_len=96, windows=2,
+              recipe_path=str(tmp_path / "r.json"), log=lambda *a: None, progress=False)
+    kept = sparsify(lm.name, **kw)
+    forced = sparsify(lm.name, positions="all", **kw)
+    assert (kept["positions"], kept["positions_from"]) == ("last-half", "recipe")
+    assert (forced["positions"], forced["positions_from"]) == ("all", "option")
+    assert kept["sparse_ppl"] != forced["sparse_ppl"]

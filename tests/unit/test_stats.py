@@ -101,9 +101,28 @@ def test_native_kernel_equals_torch_path(run):
     x = acts["L1.down_in"].float()
     x[::3, ::2] = 0
     a, b = batch_fields(x, use_native=True), batch_fields(x, use_native=False)
-    for name in a:  # float32 partial sums in the kernel: agreement to ~1e-7 of each field's scale
+    for name in a:  # float32 centred squares in the kernel: agreement to ~1e-7 of each field's scale
         scale = float(b[name].double().abs().max()) or 1.0
         torch.testing.assert_close(a[name].double(), b[name].double(), rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "torch"])
+def test_moments_exact_when_one_token_dwarfs_the_rest(use_native):
+    """A sink-like first row 1000x the others (and 24215 against ~100, as SmolLM2's L11 has): per-channel mean,
+    variance and E[x^2] against float64, to float64 rounding, not to float32's."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(700, 96, generator=g) * 3 + 5
+    x[0] *= 1000
+    x[1, :4] = torch.tensor([24215.0, -24215.0, 1e-3, 0.0])
+    ref = x.double()
+    fields = batch_fields(x, use_native=use_native)
+    n = float(fields["n"])
+    mean, var = fields["mean"], fields["m2"] / n
+    torch.testing.assert_close(mean, ref.mean(0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(var, ref.var(0, unbiased=False), rtol=1e-10, atol=0)
+    torch.testing.assert_close(var + mean**2, ref.pow(2).mean(0), rtol=1e-12, atol=0)
+    again = batch_fields(x, use_native=use_native)
+    assert all(torch.equal(fields[k], again[k]) for k in fields)  # one input, one answer
 
 
 def test_neuron_frequency(run):

@@ -56,6 +56,7 @@ class Evaluation:
     model: dict[str, Any]
     limit: int | None
     columns: list[Column]
+    warnings: list[str] = field(default_factory=list)  # e.g. a checkpoint loaded with missing weights
 
     def difference(self, column: Column, task: str, metric: str) -> tuple[float, float]:
         """(column - dense) on the same items, and its paired standard error."""
@@ -66,7 +67,8 @@ class Evaluation:
         return M.paired_difference(base.per_item[metric], mine.per_item[metric])
 
     def to_dict(self, with_records: bool = False) -> dict[str, Any]:
-        out = {"model": self.model, "limit": self.limit, "columns": []}
+        out = {"model": self.model, "limit": self.limit, "columns": [], **({"warnings": self.warnings}
+                                                                           if self.warnings else {})}
         for col in self.columns:
             entry = {"name": col.name, "recipe": None if col.recipe is None else col.recipe.describe(),
                      "measured": col.measured, "cost": col.cost, "speed": col.speed,
@@ -135,7 +137,7 @@ def evaluate(lm: Any, tasks: list[TaskSpec], columns: list[Column], limit: int |
                 log(f"{col.name}: {name} " + ", ".join(f"{m} {v:.4f}" for m, (v, _) in scores))
             if attached is not None:
                 col.measured = attached.summary(lm)
-    return Evaluation(lm.identity.to_dict(), limit, columns)
+    return Evaluation(lm.identity.to_dict(), limit, columns, list(lm.provenance.get("warnings", [])))
 
 
 def _prepare(lm: Any, spec: TaskSpec, limit: int | None):

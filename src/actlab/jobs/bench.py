@@ -34,12 +34,19 @@ def bench_decode(model: str, method: str | None = None, sparsity: float = 0.5, r
                               f"engine methods: {', '.join(m for m in METHODS if m not in HOOKS_ONLY)}")
     recipe = load_recipe(recipe_path) if recipe_path is not None else None
     lm = load_model(model, log_fn=log)
+    ids = prompt_ids(lm)
+    if lm.max_context and len(ids) + tokens + 1 > lm.max_context:
+        raise ConfigError(f"--tokens {tokens}: the {len(ids)}-token prompt and {tokens} new tokens exceed the model's "
+                          f"context of {lm.max_context}")
+    if recipe is not None:
+        from actlab.engine.plan import EnginePlan
+
+        EnginePlan.lower(lm, recipe)  # what the engine cannot run is refused before anything is timed
     torch.manual_seed(0)
     if recipe is None:
         log(f"calibrating {method} to {sparsity:.0%} on {calib or 'python-docs'} ...")
         data = CalibrationSet.from_corpus(lm, calib, seq_len=512, windows=calib_windows)
         recipe = calibrate(method, data, sparsity)
-    ids = prompt_ids(lm)
     dense, sparse = DecodeEngine(lm, max_len=len(ids) + tokens + 1), DecodeEngine(lm, recipe, len(ids) + tokens + 1)
     # decode phase: the tokens after the first, timed from the end of the prompt's prefill (what a
     # per-token decode speed means); end to end: all new tokens over the whole call, prefill included

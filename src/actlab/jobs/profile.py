@@ -9,6 +9,7 @@ import contextlib
 import shutil
 import signal
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 from actlab.data import WindowSpec, load_corpus, make_windows
 from actlab.errors import ConfigError, RunDirectoryError
-from actlab.models import LoadedModel, load_model
+from actlab.models import DEFAULT_MODEL, LoadedModel, ModelIdentity, load_model
 from actlab.probe.profiler import DEFAULT_LENS_STRIDE, DEFAULT_QUERY_STRIDE, Profiler
 from actlab.report.rundir import RunDirectory, start_manifest
 
@@ -27,18 +28,59 @@ DEFAULT_SEQ_LEN = 1024
 
 @dataclass(frozen=True)
 class ProfileOptions:
+    """Profile options; None means "not given": a new run takes the default, a resumed run the stored value."""
+
     sites: str | None = None  # comma-separated glob patterns; None = every site
-    query_stride: int = DEFAULT_QUERY_STRIDE
-    lens_stride: int = DEFAULT_LENS_STRIDE
-    batch_size: int = 1
+    query_stride: int | None = None
+    lens_stride: int | None = None
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("query_stride", "lens_stride", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
+
+    def resolved(self, stored: dict[str, Any] | None = None) -> ProfileOptions:
+        """Every option with a value: given, else stored (a resumed run), else the default."""
+        defaults = {"sites": None, "query_stride": DEFAULT_QUERY_STRIDE, "lens_stride": DEFAULT_LENS_STRIDE,
+                    "batch_size": 1}
+        stored = stored or {}
+        return ProfileOptions(**{k: getattr(self, k) if getattr(self, k) is not None else stored.get(k, default)
+                                 for k, default in defaults.items()})
+
+    def conflicts(self, stored: dict[str, Any]) -> list[str]:
+        return [f"--{k.replace('_', '-')} {getattr(self, k)} (the run has {stored.get(k)})"
+                for k in ("sites", "query_stride", "lens_stride", "batch_size")
+                if getattr(self, k) is not None and getattr(self, k) != stored.get(k)]
 
     def profiler(self, lm: LoadedModel) -> Profiler:
-        return Profiler(lm, self.sites, query_stride=self.query_stride, lens_stride=self.lens_stride)
+        o = self.resolved()
+        return Profiler(lm, o.sites, query_stride=o.query_stride, lens_stride=o.lens_stride)
 
 
 def _protocol_key(manifest: dict[str, Any]) -> tuple:
     p = manifest["protocol"]
-    return (manifest["model"]["name"], manifest["data"]["sha256"], p["seq_len"], p["stride"], p["offset"], p["bos"])
+    return (manifest["data"]["sha256"], p["seq_len"], p["stride"], p["offset"], p["bos"])
+
+
+def _stored_model(previous: dict[str, Any]) -> tuple[str, ModelIdentity | None]:
+    """What a run was profiled with: where to load it from, and its identity (round-1 runs have none)."""
+    ident = previous["model"].get("identity")
+    if ident is None:
+        return previous["model"]["name"], None
+    return ident["location"], ModelIdentity.from_dict(ident)
+
+
+def _stored_corpus(previous: dict[str, Any]) -> str:
+    data = previous["data"]
+    return data["path"] if data.get("path") and Path(data["path"]).exists() else data["name"]
+
+
+def _require_identity(lm: LoadedModel, recorded: ModelIdentity | None, what: str, hint: str) -> None:
+    if recorded is not None and lm.identity.differences(recorded):
+        raise RunDirectoryError(f"{what} was profiled with {recorded.short()}, and {lm.name} is another model "
+                                f"({', '.join(lm.identity.differences(recorded))} differ): {hint}")
 
 
 @contextlib.contextmanager
@@ -58,36 +100,69 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def profile(model: str, data: str | None, out: str | Path, *, tokens: int = DEFAULT_TOKENS,
-            seq_len: int = DEFAULT_SEQ_LEN, options: ProfileOptions = ProfileOptions(), resume: bool = False,
+def profile(model: str | None, data: str | None, out: str | Path, *, tokens: int = DEFAULT_TOKENS,
+            seq_len: int | None = None, options: ProfileOptions | None = None, resume: bool = False,
             overwrite: bool = False, progress: bool = True, log: Callable[[str], None] = print,
             lm: LoadedModel | None = None) -> RunDirectory:
-    """Profile `model` on `data` into the run directory `out`; see README "Profile"."""
-    run = RunDirectory(Path(out))
+    """Profile `model` on `data` into the run directory `out`; see README "Profile". Options left None take the
+    defaults; with `resume`, the run's stored values, and a given value that differs is refused."""
+    options = options or ProfileOptions()
+    if seq_len is not None and seq_len < 2:
+        raise ConfigError(f"--seq-len must be at least 2, got {seq_len}")
+    if tokens < 1:
+        raise ConfigError(f"--tokens must be at least 1, got {tokens}")
+    run = RunDirectory(Path(out).expanduser())
+    if run.path.exists() and not run.path.is_dir():
+        raise RunDirectoryError(f"--out {run.path} is a file, not a run directory")
     if run.exists() and not (resume or overwrite):
         raise RunDirectoryError(
             f"{run.path} already holds a run (status {run.status()}): pass --resume to continue or extend it, "
             "--overwrite to replace it, or choose another --out")
     if resume and not run.exists():
         raise RunDirectoryError(f"{run.path} holds no run to resume")
+    previous = run.manifest() if resume else None
+    if previous is not None:
+        conflicts = options.conflicts(previous["options"])
+        if seq_len is not None and seq_len != previous["protocol"]["seq_len"]:
+            conflicts.append(f"--seq-len {seq_len} (the run has {previous['protocol']['seq_len']})")
+        if conflicts:
+            raise RunDirectoryError(f"{run.path} was profiled with other options: {'; '.join(conflicts)}. Resume "
+                                    "without them (the run's are used), or profile into a new --out")
+    created = not run.path.exists()
+    try:
+        return _profile_into(run, previous, model, data, tokens, seq_len, options, overwrite, progress, log, lm)
+    except BaseException:
+        if created and run.path.is_dir() and not any(run.path.iterdir()):
+            run.path.rmdir()  # a refused or failed start leaves no empty --out behind
+        raise
+
+
+def _profile_into(run, previous, model, data, tokens, seq_len, options, overwrite, progress, log, lm):
     with run.locked():
         if overwrite and run.exists():
             for child in run.path.iterdir():
                 if child.name != ".lock":
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
-        previous = run.manifest() if resume else None
+        recorded = None
         if previous is not None:
-            options = ProfileOptions(**previous["options"])
+            stored_spec, recorded = _stored_model(previous)
+            model = model if model is not None else stored_spec
+            data = data if data is not None else _stored_corpus(previous)
             seq_len = previous["protocol"]["seq_len"]
-            model = previous["model"]["name"]
+        options = options.resolved(previous["options"] if previous is not None else None)
+        model = model or DEFAULT_MODEL
         lm = lm if lm is not None and lm.name == model else load_model(model, log_fn=log)
+        _require_identity(lm, recorded, str(run.path), "resume with the same --model (or none), or profile into a "
+                          "new --out")
         corpus = load_corpus(data, role="all")
-        spec = WindowSpec.for_tokens(tokens, seq_len)
+        spec = WindowSpec.for_tokens(tokens, seq_len or DEFAULT_SEQ_LEN)
         windows = make_windows(lm.tokenizer, corpus, spec, lm.max_context)
         profiler = options.profiler(lm)
         manifest = {
             "kind": "profile",
-            "model": {"name": lm.name, "provenance": lm.provenance, "architecture": lm.adapter.describe()},
+            "run_id": previous.get("run_id", uuid.uuid4().hex) if previous is not None else uuid.uuid4().hex,
+            "model": {"name": lm.name, "provenance": lm.provenance, "architecture": lm.adapter.describe(),
+                      "identity": lm.identity.to_dict()},
             "data": corpus.describe(),
             "protocol": spec.describe(),
             "options": asdict(options),
@@ -100,8 +175,9 @@ def profile(model: str, data: str | None, out: str | Path, *, tokens: int = DEFA
         if previous is not None:
             if _protocol_key(previous) != _protocol_key(manifest):
                 raise RunDirectoryError(
-                    f"{run.path} was profiled with another model, corpus or window protocol; "
-                    "resume with the same --model/--data/--seq-len, or profile into a new --out")
+                    f"{run.path} was profiled with another model, corpus or window protocol (--data "
+                    f"{corpus.name} is not the run's {previous['data'].get('name')}); resume with the same "
+                    "--data (or none), or profile into a new --out")
             state, done, seen_tokens = run.load_state()
             if state:
                 profiler.load_state(state, done, seen_tokens)
@@ -154,7 +230,7 @@ def rerender(path: str | Path) -> Path:
     from actlab.report.html import render_report
     from actlab.report.rundir import TABLES
 
-    run = RunDirectory(Path(path))
+    run = RunDirectory(Path(path).expanduser())
     manifest = run.manifest()
     if manifest["status"] != "complete":
         raise RunDirectoryError(f"{run.path} is {manifest['status']}: resume it first (actlab profile --resume)")
@@ -167,19 +243,40 @@ def merge(paths: list[str | Path], out: str | Path, log: Callable[[str], None] =
     """Merge complete runs of the same model and options into a new run (statistics of the union)."""
     if len(paths) < 2:
         raise ConfigError("merge needs at least two runs")
-    runs = [RunDirectory(Path(p)) for p in paths]
+    runs = [RunDirectory(Path(p).expanduser()) for p in paths]
     manifests = [r.manifest() for r in runs]
     for r, m in zip(runs, manifests):
-        if m["status"] != "complete":
-            raise RunDirectoryError(f"{r.path} is {m['status']}; only complete runs can be merged")
-    key = lambda m: (m["model"]["name"], m["options"], m["sites"], m["statistics"])  # noqa: E731
-    if any(key(m) != key(manifests[0]) for m in manifests[1:]):
-        raise RunDirectoryError("runs of different models, sites or statistic settings cannot be merged")
-    target = RunDirectory(Path(out))
+        if m.get("status") != "complete":
+            raise RunDirectoryError(f"{r.path} is {m.get('status', 'of unknown status')}; only complete runs can be "
+                                    "merged")
+    seen: dict[str, Path] = {}
+    for r, m in zip(runs, manifests):  # one run twice (or a copy of it) would count its tokens twice
+        for key in (str(r.path.resolve()), m.get("run_id")):
+            if key and key in seen:
+                raise RunDirectoryError(f"{r.path} is the same run as {seen[key]}: merging it would count its tokens "
+                                        "twice")
+            if key:
+                seen[key] = r.path
+    first = manifests[0]
+    spec, recorded = _stored_model(first)
+    for r, m in zip(runs[1:], manifests[1:]):
+        _, theirs = _stored_model(m)
+        if recorded is not None and theirs is not None and recorded.differences(theirs):
+            raise RunDirectoryError(f"{r.path} was profiled with {theirs.short()} and {runs[0].path} with "
+                                    f"{recorded.short()}: runs of different models cannot be merged")
+        if (recorded is None or theirs is None) and m["model"]["name"] != first["model"]["name"]:
+            raise RunDirectoryError(f"{r.path} and {runs[0].path} name different models")
+    for r, m in zip(runs[1:], manifests[1:]):
+        for field in ("options", "sites", "statistics"):
+            if m[field] != first[field]:
+                raise RunDirectoryError(f"{r.path} and {runs[0].path} differ in {field}; runs merge only with the "
+                                        "same sites and statistic settings")
+    target = RunDirectory(Path(out).expanduser())
     if target.exists():
         raise RunDirectoryError(f"{target.path} already holds a run; merge into a new directory")
-    lm = load_model(manifests[0]["model"]["name"], log_fn=log)
-    options = ProfileOptions(**manifests[0]["options"])
+    lm = load_model(spec, log_fn=log)
+    _require_identity(lm, recorded, str(runs[0].path), "the model it names now loads with other weights")
+    options = ProfileOptions(**first["options"])
     merged: Profiler | None = None
     for r in runs:
         p = options.profiler(lm)
@@ -190,8 +287,8 @@ def merge(paths: list[str | Path], out: str | Path, log: Callable[[str], None] =
         else:
             merged.merge(p)
     with target.locked():
-        manifest = {**manifests[0], "kind": "profile-merge", "sources": [
-            {"path": str(r.path.resolve()), "data": m["data"], "protocol": m["protocol"],
+        manifest = {**first, "kind": "profile-merge", "run_id": uuid.uuid4().hex, "sources": [
+            {"path": str(r.path.resolve()), "run_id": m.get("run_id"), "data": m["data"], "protocol": m["protocol"],
              "tokens": m.get("tokens_done")} for r, m in zip(runs, manifests)],
             "windows_done": merged.windows_seen, "tokens_done": merged.tokens_seen}
         manifest = start_manifest(manifest)

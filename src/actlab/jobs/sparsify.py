@@ -48,6 +48,7 @@ def sparsify(model: str, *, method: str | None, sparsity: float | None, calib: s
         "positions": recipe.positions, "positions_from": source, "calib_data": recipe.calibration.get("data"),
         "eval_data": corpus.name,
         "eval_tokens": dense.tokens, "seq_len": seq_len, "windows": windows, "recipe": save,
+        **({"warnings": lm.provenance["warnings"]} if lm.provenance.get("warnings") else {}),
     }
 
 

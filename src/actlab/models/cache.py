@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from actlab.fsutil import atomic_directory, atomic_write_json
+from actlab.fsutil import TMP_PREFIX, atomic_directory, atomic_write_json, stale_temporaries
 
 MARKER = "actlab-entry.json"
 STALE_TMP_SECONDS = 24 * 3600
@@ -76,19 +76,13 @@ def remove_entry(key: str) -> None:
     path = entry_path(key)
     if path.exists():
         # rename first so that a concurrent reader never sees a half-deleted entry as valid
-        doomed = path.with_name(f".tmp-deleting-{path.name}-{os.getpid()}")
+        doomed = path.with_name(f"{TMP_PREFIX}{os.getpid()}-deleting-{path.name}")
         os.replace(path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _remove_stale_tmp(parent: Path) -> None:
-    """Leftovers of killed conversions: never valid, removed once they are old."""
-    if not parent.is_dir():
-        return
-    now = time.time()
-    for p in parent.glob(".tmp-*"):
-        try:
-            if now - p.stat().st_mtime > STALE_TMP_SECONDS:
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
+    """Leftovers of killed conversions: never valid; removed as soon as their process is gone (or after a day)."""
+    if parent.is_dir():
+        for p in stale_temporaries(parent, STALE_TMP_SECONDS):
+            shutil.rmtree(p, ignore_errors=True)

@@ -7,6 +7,7 @@ later loads take seconds.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,7 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | t
     A directory exported with a runtime recipe (`actlab export`) comes back with that recipe attached for the
     model's lifetime (`attach_recipe=False`: the bare weights; `lm.detach()` removes it later)."""
     spec = str(spec)
+    warnings: list[str] = []
     if spec in BUILTINS:
         model, tokenizer, provenance = _load_builtin(BUILTINS[spec], dtype, log_fn)
     else:
@@ -100,12 +102,15 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | t
         if path.is_file() and path.suffix.lower() == ".gguf":
             model, tokenizer, provenance = _load_gguf_file(path, dtype, log_fn)
         elif path.is_dir():
-            model, tokenizer = _load_hf(str(path), dtype, source=f"directory {path}")
+            model, tokenizer, warnings = _load_hf(str(path), dtype, source=f"directory {path}")
             provenance = {"source": "local-directory", "path": str(path.resolve())}
         elif path.exists():
             raise ModelLoadError(f"{path} is neither a .gguf file nor a Hugging Face model directory")
+        elif str(path.parent) not in ("", ".") and path.parent.is_dir():
+            raise ModelLoadError(f"no such model directory {path} (in {path.parent.resolve()}); a hub id is org/name "
+                                 "with no local directory of that name")
         elif _looks_like_hub_id(spec):
-            model, tokenizer = _load_hf(spec, dtype, source=f"hub id {spec}")
+            model, tokenizer, warnings = _load_hf(spec, dtype, source=f"hub id {spec}")
             provenance = {"source": "huggingface-hub", "id": spec}
         else:
             raise ModelLoadError(
@@ -113,6 +118,10 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | t
                 "path, and not a Hugging Face hub id of the form org/name"
             )
     provenance.setdefault("dtype", str(dtype).removeprefix("torch."))
+    if warnings:
+        provenance["warnings"] = warnings
+        for warning in warnings:
+            log_fn(f"warning: {warning}")
     lm = _loaded(spec, model.to(device), tokenizer, provenance)
     if attach_recipe and provenance.get("source") == "local-directory":
         from actlab.export.hf import embedded_recipe
@@ -180,7 +189,7 @@ def _load_gguf_file(path: Path, dtype, log_fn):
 def _load_cache_entry(key: str, dtype):
     path = cache.entry_path(key)
     try:
-        model, tokenizer = _load_hf(str(path), dtype, source=f"cache entry {path}")
+        model, tokenizer, _ = _load_hf(str(path), dtype, source=f"cache entry {path}")
     except ModelLoadError as exc:
         cache.remove_entry(key)
         raise ModelLoadError(f"{exc}. The broken cache entry was removed; run again to rebuild it.") from exc
@@ -232,6 +241,10 @@ def _convert_gguf(path: Path, key: str, metadata: dict[str, Any], log_fn) -> Non
 
 # -- Hugging Face directories and hub ids -------------------------------------------------------
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+ALLOW_MISSING_ENV = "ACTLAB_ALLOW_MISSING_WEIGHTS"
+
+
 def _load_hf(ref: str, dtype, source: str):
     try:
         config = AutoConfig.from_pretrained(ref)
@@ -242,13 +255,44 @@ def _load_hf(ref: str, dtype, source: str):
             f"{source}: architecture {config.model_type!r} is not supported; supported model types: "
             f"{', '.join(supported_model_types())}"
         )
+    local = Path(ref).is_dir()
+    if local and not any((Path(ref) / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelLoadError(f"{source} has no tokenizer ({', '.join(TOKENIZER_FILES)}): save the tokenizer beside "
+                             "the weights (tokenizer.save_pretrained)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(ref)
+        model, info = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, output_loading_info=True)
     except Exception as exc:
         raise ModelLoadError(f"cannot load the weights of {source} (corrupt or truncated safetensors?): "
                              f"{type(exc).__name__}: {exc}") from exc
-    return model.eval(), tokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {source}: {type(exc).__name__}: {exc}") from exc
+    warnings = _incomplete_checkpoint(info, source, type(model).__name__)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ModelLoadError(f"{source}: the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+                             f"{rows} rows; the tokenizer belongs to another model")
+    return model.eval(), tokenizer, warnings
+
+
+def _incomplete_checkpoint(info: dict[str, Any], source: str, cls: str) -> list[str]:
+    """Weights the checkpoint lacks (transformers initialises them at random), has in excess, or has in another
+    shape: an error, unless ACTLAB_ALLOW_MISSING_WEIGHTS=1 (then a warning every output carries)."""
+    problems = []
+    for kind, label in (("missing_keys", "missing"), ("mismatched_keys", "of another shape"),
+                        ("unexpected_keys", "not part of the model")):
+        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind) or [])
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            problems.append(f"{len(keys)} weight{'s' if len(keys) > 1 else ''} {label} ({shown})")
+    if not problems:
+        return []
+    message = f"{source} does not match {cls}: {'; '.join(problems)}"
+    if os.environ.get(ALLOW_MISSING_ENV) != "1":
+        raise ModelLoadError(f"{message}. Missing weights would be random; set {ALLOW_MISSING_ENV}=1 (or pass "
+                             "--allow-missing-weights) to load it anyway")
+    return [f"{message} (loaded anyway: {ALLOW_MISSING_ENV}=1)"]
 
 
 def _looks_like_hub_id(spec: str) -> bool:

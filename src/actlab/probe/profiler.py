@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from actlab.models.keys import layer_of
 from actlab.models.loader import LoadedModel
 from actlab.probe.hooks import Probe
 from actlab.probe.sites import Site, select_sites
@@ -96,9 +97,16 @@ class Profiler:
         return {f"{st.name}/{k}": v for st in self.statistics for k, v in st.state().items()}
 
     def load_state(self, state: dict[str, torch.Tensor], windows: int, tokens: int) -> None:
+        order = {s.name: i for i, s in enumerate(self.sites)}
+
+        def rank(key: str) -> tuple:  # the order a fresh run allocates: sites in forward order, layers by number
+            layer = layer_of(key)
+            return order.get(key, len(order)), -1 if layer is None else layer, key
+
         for st in self.statistics:
             prefix = f"{st.name}/"
             st.load_state({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            st.acc = {k: st.acc[k] for k in sorted(st.acc, key=rank)}
         self.windows_seen, self.tokens_seen = windows, tokens
 
     def merge(self, other: Profiler) -> None:

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from actlab.errors import RunDirectoryError
-from actlab.fsutil import atomic_path, atomic_write_json
+from actlab.fsutil import atomic_path, atomic_write_json, pid_alive
 
 MANIFEST = "manifest.json"
 STATE = "state.safetensors"
@@ -47,16 +47,6 @@ def versions() -> dict[str, str]:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @dataclass
 class RunDirectory:
     path: Path
@@ -73,7 +63,12 @@ class RunDirectory:
             manifest = json.loads(self.manifest_path.read_text())
         except (OSError, ValueError) as exc:
             raise RunDirectoryError(f"{self.path} is not a readable actlab run ({exc})") from exc
-        if manifest.get("status") == "running" and not _pid_alive(int(manifest.get("pid", -1))) \
+        missing = [k for k in ("status", "model", "options", "sites", "protocol", "data") if k not in manifest] \
+            if isinstance(manifest, dict) else ["everything"]
+        if missing:
+            raise RunDirectoryError(f"{self.manifest_path} is not an actlab run manifest: it lacks "
+                                    f"{', '.join(missing)}")
+        if manifest.get("status") == "running" and not pid_alive(int(manifest.get("pid", -1))) \
                 and manifest.get("host") == socket.gethostname():
             manifest["status"] = "partial"
         return manifest
@@ -99,7 +94,7 @@ class RunDirectory:
                     owner = int(lock.read_text().strip() or -1)
                 except (OSError, ValueError):
                     owner = -1
-                if owner > 0 and _pid_alive(owner) and owner != os.getpid():
+                if owner > 0 and pid_alive(owner) and owner != os.getpid():
                     raise RunDirectoryError(
                         f"{self.path} is being written by another actlab process (pid {owner})") from None
                 lock.unlink(missing_ok=True)  # stale lock of a process that is gone

@@ -31,19 +31,18 @@ def batch_fields(x2: torch.Tensor, use_native: bool = True) -> dict[str, torch.T
     kernel = native.load("site_stats") if use_native and x2.device.type == "cpu" else None
     hist = torch.zeros(NUM_BINS, dtype=torch.int64)
     if kernel is not None:
-        s, sq, a, lo, hi, zeros = kernel.site_stats(x2, hist)
+        s, m2, a, lo, hi, zeros = kernel.site_stats(x2, hist)
     else:
         x = x2.float()
         xd = x.double()
-        s, sq, a = xd.sum(0), xd.pow(2).sum(0), xd.abs().sum(0)
+        s, a = xd.sum(0), xd.abs().sum(0)
+        m2 = (xd - s / n).pow(2).sum(0)
         lo, hi = torch.aminmax(x, dim=0)
         zeros = (x == 0).sum(0)
         hist = histogram_of(x).cpu()
-        s, sq, a, lo, hi, zeros = (t.cpu() for t in (s, sq, a, lo, hi, zeros))
-    mean = s / n
-    return {"n": torch.tensor(float(n), dtype=torch.float64), "mean": mean,
-            "m2": (sq - s * mean).clamp_min(0), "abs_sum": a, "min": lo, "max": hi,
-            "zeros": zeros.to(torch.int64), "hist": hist}
+        s, m2, a, lo, hi, zeros = (t.cpu() for t in (s, m2, a, lo, hi, zeros))
+    return {"n": torch.tensor(float(n), dtype=torch.float64), "mean": s / n, "m2": m2, "abs_sum": a, "min": lo,
+            "max": hi, "zeros": zeros.to(torch.int64), "hist": hist}
 
 
 class ActivationDistribution(Statistic):
