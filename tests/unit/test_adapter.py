@@ -64,11 +64,12 @@ def test_shapes_match_config(tiny: actlab.LoadedModel):
 def test_mlp_recomputed_from_adapter(tiny: actlab.LoadedModel):
     rec = Recorder()
     for layer in tiny.adapter.layers:
-        rec.watch(f"{layer.index}.mlp_norm", layer.mlp_norm)
+        rec.watch(f"{layer.index}.mlp_norm", layer.mlp_norm if layer.mlp_norm is not None else layer.mlp)
         rec.watch(f"{layer.index}.down", layer.linears["down"].module)
     _run(tiny, rec)
     for layer in tiny.adapter.layers:
-        x = rec.outputs[f"{layer.index}.mlp_norm"]
+        x = rec.outputs[f"{layer.index}.mlp_norm"] if layer.mlp_norm is not None else \
+            rec.inputs[f"{layer.index}.mlp_norm"]
         h = layer.act_fn(layer.linears["gate"].apply(x))
         if layer.gated_mlp:
             h = h * layer.linears["up"].apply(x)
@@ -81,8 +82,8 @@ def test_attention_projections_and_residual_stream(tiny: actlab.LoadedModel):
     for layer in ad.layers:
         i = layer.index
         rec.watch(f"{i}.layer", layer.module)
-        rec.watch(f"{i}.attn_norm", layer.attn_norm)
-        rec.watch(f"{i}.mlp_norm", layer.mlp_norm)
+        rec.watch(f"{i}.attn_norm", layer.attn_norm if layer.attn_norm is not None else torch.nn.Identity())
+        rec.watch(f"{i}.mlp_in", layer.mlp_norm if layer.mlp_norm is not None else layer.mlp)
         rec.watch(f"{i}.o", layer.linears["o"].module)
         rec.watch(f"{i}.down", layer.linears["down"].module)
         for role, view in layer.linears.items():
@@ -93,8 +94,9 @@ def test_attention_projections_and_residual_stream(tiny: actlab.LoadedModel):
     for layer in ad.layers:
         i = layer.index
         resid_in = rec.inputs[f"{i}.layer"]
-        x = rec.outputs[f"{i}.attn_norm"]
-        _close(layer.attn_norm(resid_in), x)
+        x = rec.outputs[f"{i}.attn_norm"] if layer.attn_norm is not None else resid_in  # OLMo-2: no pre-norm
+        if layer.attn_norm is not None:
+            _close(layer.attn_norm(resid_in), x)
         if "qkv" in layer.linears:
             fused = rec.outputs[f"{i}.qkv"]
             parts = [layer.head_projections[r].apply(x) for r in "qkv"]
@@ -107,14 +109,16 @@ def test_attention_projections_and_residual_stream(tiny: actlab.LoadedModel):
         attn_branch = rec.outputs[f"{i}.o"]
         if layer.attn_post_norm is not None:
             attn_branch = layer.attn_post_norm(attn_branch)
-        resid_mid = rec.inputs[f"{i}.mlp_norm"]
+        resid_mid = rec.inputs[f"{i}.mlp_in"]
         _close(resid_in + attn_branch.reshape(resid_in.shape), resid_mid)
         mlp_branch = rec.outputs[f"{i}.down"]
         if layer.mlp_post_norm is not None:
             mlp_branch = layer.mlp_post_norm(mlp_branch)
         _close(resid_mid.reshape(mlp_branch.shape) + mlp_branch, rec.outputs[f"{i}.layer"])
     last = rec.outputs[f"{ad.num_layers - 1}.layer"]
-    _close(ad.lm_head(ad.final_norm(last)), logits)
+    head = ad.lm_head(ad.final_norm(last))
+    cap = getattr(tiny.model.config, "final_logit_softcapping", None)  # Gemma-2 caps its logits
+    _close(cap * torch.tanh(head / cap) if cap else head, logits)
 
 
 def test_gpt2_conv1d_weights_are_transposed():

@@ -72,12 +72,13 @@ def test_attention_rows_equal_eager_attention(tiny, stride):
     eager = {}
     handles = [layer.attn.register_forward_hook(lambda m, a, o, i=layer.index: eager.__setitem__(i, o[1]))
                for layer in tiny.adapter.layers]
+    previous = model.config._attn_implementation  # sdpa, or eager for models that need it (Gemma-2)
     model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
             model(IDS)
     finally:
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(previous)
         for h in handles:
             h.remove()
     probed = {}

@@ -24,7 +24,7 @@ FAST = {"teal": {"tokens": 96, "step": 0.1}}
 MLP_ONLY = ("cats", "coreinfer")
 
 
-@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2"])
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2", "tiny-gemma2", "tiny-olmo2"])
 def setup(request, tmp_path_factory):
     import os
 
@@ -145,8 +145,13 @@ def test_sparse_forward_equals_masked_reference(setup, method):
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_achieved_sparsity_on_calibration_data(setup, method):
+def test_achieved_sparsity_on_calibration_data(setup, method, request):
     lm, calib, _ = setup
+    if method == "magnitude" and lm.adapter.family == "olmo2":
+        # one global |x| threshold over OLMo-2's un-normalised sublayer inputs: dropping nearly all of o's input
+        # zeroes attention outputs (post-norm of zero), the residual shrinks, and refinement oscillates
+        # (achieved 0.086 / 0.57 / 0.085 after 1 / 2 / 3 steps at 0.25). A limit of the baseline, kept visible.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="magnitude's refinement does not converge on OLMo-2"))
     for target in ((0.15, 0.3) if method in MLP_ONLY else (0.25, 0.45)):  # CATS, CoreInfer reach only the MLP
         recipe = calibrate(method, calib, target, **FAST.get(method, {}))
         meter = SparsityMeter()

@@ -167,7 +167,7 @@ def test_bad_task_files_are_one_line_errors(tmp_path, body, rows, message):
 
 def test_bad_eval_arguments_fail_before_the_model_loads(tmp_path):
     for args, message in ((["--tasks", "nope"], "unknown task 'nope'"),
-                          (["--limit", "0"], "--limit must be at least 1"),
+                          (["--limit", "0"], "Invalid value for '--limit'"),
                           (["--recipe", str(tmp_path / "absent.json")], "cannot read recipe"),
                           (["--tasks", str(tmp_path / "absent.yaml")], "does not exist")):
         out = subprocess.run([sys.executable, "-m", "actlab.cli", "eval", "--model", "no/such-model", *args],

@@ -35,10 +35,17 @@ def direct(module):
     return module.forward if isinstance(module, torch.nn.Module) else module
 
 
+def identity(x):
+    return x
+
+
 def fused_norm(norm, width: int, kernels):
     """The model's norm as one kernel call when it is an RMSNorm - x * rsqrt(mean(x^2) + eps) * w, or
     * (1 + w) as in Gemma - which is checked numerically on random inputs; otherwise the module itself
-    (LayerNorm, or anything unusual). Per-op dispatch, not arithmetic, is what a norm costs at batch 1."""
+    (LayerNorm, or anything unusual); no norm at all (None) is the identity. Per-op dispatch, not arithmetic,
+    is what a norm costs at batch 1."""
+    if norm is None:
+        return identity
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     weight = getattr(norm, "weight", None)
     if norm is None or eps is None or weight is None or tuple(weight.shape) != (width,):
@@ -98,6 +105,7 @@ class DecodeEngine:
         self.max_len = min(max_len, ad.max_context or max_len)
         self.num_heads, self.num_kv, self.head_dim = ad.num_heads, ad.num_kv_heads, ad.head_dim
         self.q_prescaled = ad.spec.q_prescaled
+        self.qk_norm_per_head = ad.spec.qk_norm_per_head
         rules, bias, plan = self.plan.rules, self.plan.bias, self.plan
         rope = self._rope_tables()
         self.layers: list[EngineLayer] = []
@@ -124,12 +132,15 @@ class DecodeEngine:
                 else:
                     mlp = (lambda x, p=proj, act=direct(layer.act_fn): p["down"](act(p["gate"](x))))
                 d, hd = ad.hidden_size, self.head_dim
+                per_head = ad.spec.qk_norm_per_head
+                q_width, k_width = (hd, hd) if per_head else (self.num_heads * hd, self.num_kv * hd)
                 self.layers.append(EngineLayer(
                     index=i, attn_norm=fused_norm(layer.attn_norm, d, self.kernels),
                     mlp_norm=fused_norm(layer.mlp_norm, d, self.kernels), projections=proj, mlp=mlp,
                     scaling=float(getattr(layer.attn, "scaling", self.head_dim**-0.5)),
-                    window=ad.sliding_window(layer), q_norm=fused_norm(layer.q_norm, hd, self.kernels),
-                    k_norm=fused_norm(layer.k_norm, hd, self.kernels),
+                    window=ad.sliding_window(layer),
+                    q_norm=None if layer.q_norm is None else fused_norm(layer.q_norm, q_width, self.kernels),
+                    k_norm=None if layer.k_norm is None else fused_norm(layer.k_norm, k_width, self.kernels),
                     attn_post_norm=fused_norm(layer.attn_post_norm, d, self.kernels),
                     mlp_post_norm=fused_norm(layer.mlp_post_norm, d, self.kernels),
                     softcap=getattr(layer.attn, "attn_logit_softcapping", None), rope=rope[i] if rope else None,
@@ -191,11 +202,13 @@ class DecodeEngine:
                                          self.num_kv * self.head_dim])
         else:
             q, k, v = p["q"](x), p["k"](x), p["v"](x)
+        if layer.q_norm is not None and not self.qk_norm_per_head:  # OLMo-2: over the whole projection
+            q, k = layer.q_norm(q), layer.k_norm(k)
         q = q.view(self.num_heads, self.head_dim)
         k = k.view(self.num_kv, self.head_dim)
         if self.q_prescaled:
             q = q * layer.scaling
-        if layer.q_norm is not None:
+        if layer.q_norm is not None and self.qk_norm_per_head:
             q, k = layer.q_norm(q), layer.k_norm(k)
         cos, sin = (layer.rope[0][pos], layer.rope[1][pos]) if layer.rope is not None else (NO_ROPE, NO_ROPE)
         start = 0 if layer.window is None else max(0, pos + 1 - layer.window)

@@ -66,8 +66,8 @@ class LayerView:
     index: int
     module: nn.Module
     attn: nn.Module
-    attn_norm: nn.Module
-    mlp_norm: nn.Module
+    attn_norm: nn.Module | None  # None: attention reads the residual stream (OLMo-2)
+    mlp_norm: nn.Module | None
     act_fn: nn.Module
     linears: dict[str, LinearView]  # the real modules, by role (q,k,v,o or qkv,o; gate,[up],down)
     attn_post_norm: nn.Module | None = None
@@ -75,6 +75,7 @@ class LayerView:
     q_norm: nn.Module | None = None
     k_norm: nn.Module | None = None
     head_projections: dict[str, LinearView] = field(default_factory=dict)  # q, k, v (split if fused)
+    mlp: nn.Module | None = None
 
     @property
     def gated_mlp(self) -> bool:
@@ -135,14 +136,14 @@ class ModelAdapter:
             heads = {r: linears[r] for r in ("q", "k", "v")}
         optional = {
             name: resolve(layer, getattr(spec, name)) if getattr(spec, name) else None
-            for name in ("attn_post_norm", "mlp_post_norm", "q_norm", "k_norm")
+            for name in ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm", "q_norm", "k_norm", "mlp")
         }
+        if optional["mlp_norm"] is None and optional["mlp"] is None:
+            raise AttributeError("a family without a pre-MLP norm must name its MLP module")
         return LayerView(
             index=index,
             module=layer,
             attn=resolve(layer, spec.attn),
-            attn_norm=resolve(layer, spec.attn_norm),
-            mlp_norm=resolve(layer, spec.mlp_norm),
             act_fn=resolve(layer, spec.act),
             linears=linears,
             head_projections=heads,

@@ -9,7 +9,8 @@ names. Canonical roles:
   multiplied element-wise with it (gated MLPs only), `down` the output projection. A non-gated MLP
   (GPT-2, OPT: fc1 -> act -> fc2) has `gate` = fc1, no `up`, `down` = fc2;
 - norms: `attn_norm` (before attention), `mlp_norm` (before the MLP; its input is the residual stream
-  after attention), optional sandwich norms applied to the sublayer outputs (Gemma 3).
+  after attention), optional norms applied to the sublayer outputs (Gemma 2/3 have both, OLMo-2 only these),
+  optional q/k norms per head (Qwen3, Gemma 3) or over the whole projection (OLMo-2).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ class ArchSpec:
     gate: str
     down: str
     act: str
-    attn_norm: str
-    mlp_norm: str
+    attn_norm: str | None = None  # None: the sublayer reads the residual stream itself (OLMo-2)
+    mlp_norm: str | None = None
+    mlp: str | None = None  # the MLP module (where its input is read when there is no pre-MLP norm)
     q: str | None = None
     k: str | None = None
     v: str | None = None
@@ -45,6 +47,7 @@ class ArchSpec:
     mlp_post_norm: str | None = None
     q_norm: str | None = None
     k_norm: str | None = None
+    qk_norm_per_head: bool = True  # False: q_norm / k_norm normalise the whole projection (OLMo-2)
     # weights stored as [in, out] (GPT-2's Conv1D) instead of nn.Linear's [out, in]
     transposed_weights: bool = False
     # positions: a rotary module (called per layer type) or a learned position table added to the embedding
@@ -62,6 +65,7 @@ class ArchSpec:
 
 
 _LLAMA_LIKE = dict(
+    mlp="mlp",
     layers="model.layers",
     embed="model.embed_tokens",
     final_norm="model.norm",
@@ -102,6 +106,23 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         mlp_post_norm="post_feedforward_layernorm",
         q_norm="self_attn.q_norm",
         k_norm="self_attn.k_norm",
+    ),
+    ArchSpec(
+        family="gemma2",
+        model_types=("gemma2",),
+        **{**_LLAMA_LIKE, "mlp_norm": "pre_feedforward_layernorm"},
+        attn_post_norm="post_attention_layernorm",
+        mlp_post_norm="post_feedforward_layernorm",
+    ),
+    ArchSpec(
+        family="olmo2",
+        model_types=("olmo2",),
+        **{**_LLAMA_LIKE, "attn_norm": None, "mlp_norm": None},
+        attn_post_norm="post_attention_layernorm",
+        mlp_post_norm="post_feedforward_layernorm",
+        q_norm="self_attn.q_norm",
+        k_norm="self_attn.k_norm",
+        qk_norm_per_head=False,
     ),
     ArchSpec(
         family="gpt2",

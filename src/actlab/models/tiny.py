@@ -12,10 +12,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
     Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
+    Olmo2Config,
     OPTConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
@@ -80,6 +82,20 @@ def _gemma3(vocab: int) -> PretrainedConfig:
                             max_position_embeddings=MAX_POSITIONS, initializer_range=0.08, **_common(vocab))
 
 
+def _gemma2(vocab: int) -> PretrainedConfig:
+    return Gemma2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                        attn_logit_softcapping=20.0, final_logit_softcapping=15.0,
+                        max_position_embeddings=MAX_POSITIONS, initializer_range=0.08, **_common(vocab))
+
+
+def _olmo2(vocab: int) -> PretrainedConfig:
+    return Olmo2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS, initializer_range=0.08,
+                       tie_word_embeddings=False, **_common(vocab))
+
+
 def _gpt2(vocab: int) -> PretrainedConfig:
     return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POSITIONS, initializer_range=0.08,
                       **_common(vocab))
@@ -97,6 +113,8 @@ TINY_CONFIGS: dict[str, Callable[[int], PretrainedConfig]] = {
     "tiny-qwen2": _qwen2,
     "tiny-qwen3": _qwen3,
     "tiny-gemma3": _gemma3,
+    "tiny-gemma2": _gemma2,
+    "tiny-olmo2": _olmo2,
     "tiny-gpt2": _gpt2,
     "tiny-opt": _opt,
 }

@@ -104,12 +104,14 @@ def all_sites(adapter: ModelAdapter) -> list[Site]:
         up = layer.linears["up"].module if layer.gated_mlp else None
         named = [  # kind, module, capture, channels, select, rows, heads
             ("resid_in", layer.module, "input", d, None, None, None),
-            ("attn_in", layer.attn_norm, "output", d, None, None, None),
+            ("attn_in", *((layer.attn_norm, "output") if layer.attn_norm is not None else (layer.attn, "input")), d,
+             None, None, None),
             ("v", v_view.module, "output", nkv * hd, v_select, v_view.rows, (nkv, hd)),
             ("attn_probs", layer.attn, "output", 0, lambda out: out[1], None, None),
             ("o_in", layer.linears["o"].module, "input", nh * hd, o_select, None, (nh, hd)),
-            ("resid_mid", layer.mlp_norm, "input", d, None, None, None),
-            ("mlp_in", layer.mlp_norm, "output", d, None, None, None),
+            ("resid_mid", layer.mlp_norm if layer.mlp_norm is not None else layer.mlp, "input", d, None, None, None),
+            ("mlp_in", *((layer.mlp_norm, "output") if layer.mlp_norm is not None else (layer.mlp, "input")), d,
+             None, None, None),
             ("gate", layer.linears["gate"].module, "output", ffn, None, None, None),
             ("act", layer.act_fn, "output", ffn, None, None, None),
             ("up", up, "output", ffn, None, None, None),
