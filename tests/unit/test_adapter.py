@@ -100,7 +100,11 @@ def test_attention_projections_and_residual_stream(tiny: actlab.LoadedModel):
         if "qkv" in layer.linears:
             fused = rec.outputs[f"{i}.qkv"]
             parts = [layer.head_projections[r].apply(x) for r in "qkv"]
-            _close(torch.cat(parts, dim=-1), fused)
+            if ad.spec.qkv_layout == "heads":  # GPT-NeoX: [q_h; k_h; v_h] per head
+                per_head = [p.reshape(*p.shape[:-1], ad.num_heads, ad.head_dim) for p in parts]
+                _close(torch.cat(per_head, dim=-1).flatten(-2), fused)
+            else:
+                _close(torch.cat(parts, dim=-1), fused)
         else:
             for r in "qkv":
                 _close(layer.head_projections[r].apply(x), rec.outputs[f"{i}.{r}"])
@@ -110,10 +114,15 @@ def test_attention_projections_and_residual_stream(tiny: actlab.LoadedModel):
         if layer.attn_post_norm is not None:
             attn_branch = layer.attn_post_norm(attn_branch)
         resid_mid = rec.inputs[f"{i}.mlp_in"]
-        _close(resid_in + attn_branch.reshape(resid_in.shape), resid_mid)
         mlp_branch = rec.outputs[f"{i}.down"]
         if layer.mlp_post_norm is not None:
             mlp_branch = layer.mlp_post_norm(mlp_branch)
+        if ad.parallel_residual:  # GPT-NeoX: both sublayers read the block's input
+            _close(resid_in, resid_mid)
+            _close(resid_in + attn_branch.reshape(resid_in.shape) + mlp_branch.reshape(resid_in.shape),
+                   rec.outputs[f"{i}.layer"])
+            continue
+        _close(resid_in + attn_branch.reshape(resid_in.shape), resid_mid)
         _close(resid_mid.reshape(mlp_branch.shape) + mlp_branch, rec.outputs[f"{i}.layer"])
     last = rec.outputs[f"{ad.num_layers - 1}.layer"]
     head = ad.lm_head(ad.final_norm(last))
@@ -130,11 +139,10 @@ def test_gpt2_conv1d_weights_are_transposed():
 
 
 def test_unsupported_architecture_names_supported_ones():
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import BloomConfig, BloomForCausalLM
 
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                             intermediate_size=64, vocab_size=50))
-    with pytest.raises(UnsupportedArchitectureError, match=r"'gpt_neox'.*not supported.*llama.*opt"):
+    model = BloomForCausalLM(BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedArchitectureError, match=r"'bloom'.*not supported.*llama.*opt"):
         adapter_for(model)
 
 

@@ -122,3 +122,33 @@ def test_bad_edits_are_clear_errors(tiny_llama):
         Editor(tiny_llama, [Edit("L0.attn_probs", zero())])
     with pytest.raises(ConfigError, match="has no heads"):
         Editor(tiny_llama, [Edit("L0.resid_out", zero(), heads=[0])])
+
+
+def test_an_edit_inside_a_fused_projection_changes_only_that_projection():
+    """Phi-3's gate and up are one module: zeroing up's input zeroes the MLP (act(gate) * 0), and doubling
+    gate's input leaves up's rows as they were; both against the model's own modules, computed by hand."""
+    import actlab
+
+    lm = actlab.load_model("tiny-phi3")
+    layer = lm.adapter.layers[0]
+    fused, width = layer.linears["gate"].module, lm.adapter.intermediate_size
+    seen = {}
+    handles = [layer.mlp.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0])),
+               fused.register_forward_hook(lambda m, a, out: seen.__setitem__("out", out)),
+               layer.linears["down"].module.register_forward_hook(lambda m, a, out: seen.__setitem__("down", out))]
+    try:
+        with Editor(lm, [Edit("L0.up_in", zero())]):
+            _logits(lm)
+        assert torch.count_nonzero(seen["down"]) == 0
+        with Editor(lm, [Edit("L0.gate_in", scale(2.0))]):
+            _logits(lm)
+        x, out = seen["x"], seen["out"]
+        with torch.no_grad():
+            expect_gate = torch.nn.functional.linear(2 * x, fused.weight[:width])
+            expect_up = torch.nn.functional.linear(x, fused.weight[width:])
+        torch.testing.assert_close(out[..., :width], expect_gate, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[..., width:], expect_up, rtol=1e-5, atol=1e-5)
+    finally:
+        for h in handles:
+            h.remove()
+    assert _hooks_left(lm.model) == 0

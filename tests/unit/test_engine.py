@@ -139,7 +139,7 @@ def test_exact_head_argmax_even_on_near_ties():
 
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-qwen2", "tiny-gemma3", "tiny-gemma2", "tiny-olmo2",
-                                        "tiny-gpt2", "tiny-opt"])
+                                        "tiny-phi3", "tiny-gpt-neox", "tiny-gpt2", "tiny-opt"])
 def tiny_lm(request):
     return actlab.load_model(request.param)
 

@@ -85,7 +85,8 @@ def test_removed_sublayer_equals_a_zeroed_output_projection(name, part, tmp_path
     torch.testing.assert_close(_logits(plain), hooked, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-gemma3", "tiny-gpt2", "tiny-opt"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-gemma3", "tiny-phi3", "tiny-gpt-neox", "tiny-gpt2",
+                                  "tiny-opt"])
 def test_engine_skips_removed_parts_like_the_hooked_model(name):
     lm = actlab.load_model(name)
     recipe = drop(lm, "L1", "L0.mlp")

@@ -30,6 +30,7 @@ from actlab.calib.collectors import GradientEnergy
 from actlab.data import WindowSpec, load_corpus, make_windows
 from actlab.errors import ConfigError
 from actlab.fsutil import atomic_path
+from actlab.models.adapter import select_rows
 from actlab.models.cache import cache_root
 from actlab.models.keys import projection_key, split_key
 from actlab.progress import track
@@ -178,12 +179,12 @@ class CalibrationSet:
                  for role, lin in layer.linears.items()}
 
         def watch(key: str):
-            weight = views[key].weight()
+            weight, rows = views[key].weight(), views[key].rows  # rows: this projection's part of a fused module
 
             def hook(_m, _a, out):
                 if out.requires_grad:
                     out.register_hook(lambda g: energy.setdefault(key, GradientEnergy(robust)).add(
-                        g.detach().reshape(-1, g.shape[-1]) @ weight))
+                        select_rows(g.detach(), rows).reshape(-1, weight.shape[0]) @ weight))
             return hook
 
         with contextlib.ExitStack() as stack:

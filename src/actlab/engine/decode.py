@@ -39,6 +39,15 @@ def identity(x):
     return x
 
 
+def rotate_part(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of the leading cos.shape[-1] channels of each head of x [heads, head_dim] (HF's
+    rotate_half convention); the other channels pass through."""
+    r = cos.shape[-1]
+    turned, rest = x[..., :r], x[..., r:]
+    half = torch.cat([-turned[..., r // 2 :], turned[..., : r // 2]], dim=-1)
+    return torch.cat([turned * cos + half * sin, rest], dim=-1)
+
+
 def fused_norm(norm, width: int, kernels):
     """The model's norm as one kernel call when it is an RMSNorm - x * rsqrt(mean(x^2) + eps) * w, or
     * (1 + w) as in Gemma - which is checked numerically on random inputs; otherwise the module itself
@@ -106,6 +115,10 @@ class DecodeEngine:
         self.num_heads, self.num_kv, self.head_dim = ad.num_heads, ad.num_kv_heads, ad.head_dim
         self.q_prescaled = ad.spec.q_prescaled
         self.qk_norm_per_head = ad.spec.qk_norm_per_head
+        self.qkv_by_head = ad.spec.qkv_layout == "heads"
+        self.parallel_residual = ad.parallel_residual
+        # the kernel turns whole heads; a partial rotary embedding (GPT-NeoX, some Phi-3) is applied here
+        self.partial_rope = ad.rotary is not None and ad.rotary_dim < ad.head_dim
         rules, bias, plan = self.plan.rules, self.plan.bias, self.plan
         rope = self._rope_tables()
         self.layers: list[EngineLayer] = []
@@ -197,7 +210,9 @@ class DecodeEngine:
 
     def _attention(self, layer: EngineLayer, x: torch.Tensor, pos: int) -> torch.Tensor:
         p = layer.projections
-        if "qkv" in p:
+        if "qkv" in p and self.qkv_by_head:  # [q_h; k_h; v_h] head after head
+            q, k, v = (t.reshape(-1) for t in p["qkv"](x).view(self.num_heads, 3, self.head_dim).unbind(1))
+        elif "qkv" in p:
             q, k, v = p["qkv"](x).split([self.num_heads * self.head_dim, self.num_kv * self.head_dim,
                                          self.num_kv * self.head_dim])
         else:
@@ -211,6 +226,8 @@ class DecodeEngine:
         if layer.q_norm is not None and self.qk_norm_per_head:
             q, k = layer.q_norm(q), layer.k_norm(k)
         cos, sin = (layer.rope[0][pos], layer.rope[1][pos]) if layer.rope is not None else (NO_ROPE, NO_ROPE)
+        if self.partial_rope:
+            q, k, cos, sin = rotate_part(q, cos, sin), rotate_part(k, cos, sin), NO_ROPE, NO_ROPE
         start = 0 if layer.window is None else max(0, pos + 1 - layer.window)
         out = self.kernels.decode_attention(q, k, v.view(self.num_kv, self.head_dim), self.k_cache[layer.slot],
                                             self.v_cache[layer.slot], pos, start, cos, sin,
@@ -222,10 +239,11 @@ class DecodeEngine:
     def step(self, token: int, pos: int) -> int:
         h = self._embed(token, pos)
         for layer in self.layers:
+            x = h  # a parallel residual feeds both sublayers the block's input
             if layer.attention:
                 h = h + self._attention(layer, layer.attn_norm(h), pos)
             if layer.feed_forward:
-                m = layer.mlp(layer.mlp_norm(h))
+                m = layer.mlp(layer.mlp_norm(x if self.parallel_residual else h))
                 h = h + (m if layer.mlp_post_norm is None else layer.mlp_post_norm(m))
         return self.head.argmax(self.final_norm(h))
 

@@ -19,30 +19,51 @@ ATTN_ROLES = ("q", "k", "v", "qkv", "o")
 MLP_ROLES = ("gate", "up", "down")
 
 
-@dataclass(frozen=True)
+Rows = tuple[int, int] | torch.Tensor  # a block [start, stop) of a fused module's output rows, or their indices
+
+
+def select_rows(t: torch.Tensor, rows: Rows | None, dim: int = -1) -> torch.Tensor:
+    """The `rows` of a fused module's output along `dim` (all of `t` for None)."""
+    if rows is None:
+        return t
+    if isinstance(rows, tuple):
+        return t.narrow(dim, rows[0], rows[1] - rows[0])
+    return t.index_select(dim, rows.to(t.device))
+
+
+def replace_rows(t: torch.Tensor, rows: Rows, new: torch.Tensor) -> torch.Tensor:
+    """`t` (a fused module's output, channels last) with its `rows` replaced by `new`, out of place."""
+    if isinstance(rows, tuple):
+        return torch.cat([t[..., : rows[0]], new.to(t.dtype), t[..., rows[1] :]], dim=-1)
+    return t.index_copy(-1, rows.to(t.device), new.to(t.dtype))
+
+
+@dataclass(frozen=True, eq=False)
 class LinearView:
     """One projection. `weight()` is always [out_features, in_features], whatever the storage layout.
 
-    `rows` selects a block of output rows of a fused module (q, k or v inside GPT-2's c_attn).
+    `rows` selects output rows of a fused module: a block (q, k or v inside GPT-2's c_attn, gate or up inside
+    Phi-3's gate_up_proj) or an index tensor (q, k or v of GPT-NeoX, stored head after head).
     """
 
     name: str
     module: nn.Module
     transposed: bool = False
-    rows: tuple[int, int] | None = None
+    rows: Rows | None = None
 
     def weight(self) -> torch.Tensor:
         w = self.module.weight
         w = w.t() if self.transposed else w
-        if self.rows is not None:
-            w = w[self.rows[0] : self.rows[1]]
-        return w
+        return select_rows(w, self.rows, 0)
 
     def bias(self) -> torch.Tensor | None:
         b = getattr(self.module, "bias", None)
-        if b is None:
-            return None
-        return b[self.rows[0] : self.rows[1]] if self.rows is not None else b
+        return None if b is None else select_rows(b, self.rows, 0)
+
+    @property
+    def fused(self) -> bool:
+        """Whether this view is part of a module that computes other projections too."""
+        return self.rows is not None
 
     @property
     def in_features(self) -> int:
@@ -101,6 +122,8 @@ class ModelAdapter:
         self.head_dim: int = int(getattr(cfg, "head_dim", None) or self.hidden_size // self.num_heads)
         self.vocab_size: int = int(cfg.vocab_size)
         self.max_context: int | None = getattr(cfg, "max_position_embeddings", None)
+        attr = spec.parallel_residual_attr
+        self.parallel_residual: bool = bool(getattr(cfg, attr, False)) if attr else False
         self.embed: nn.Module = resolve(model, spec.embed)
         self.final_norm: nn.Module = resolve(model, spec.final_norm)
         self.lm_head: nn.Module = resolve(model, spec.lm_head)
@@ -109,6 +132,18 @@ class ModelAdapter:
         self.num_layers = len(self.layers)
         self.rotary: nn.Module | None = resolve(model, spec.rotary) if spec.rotary else None
         self.pos_embed: nn.Module | None = resolve(model, spec.pos_embed) if spec.pos_embed else None
+        self.rotary_dim: int = self._rotary_dim()
+
+    def _rotary_dim(self) -> int:
+        """Leading channels of each head that the rotary embedding turns (the rest pass through: Phi-3 variants
+        and GPT-NeoX rotate part of each head); 0 without a rotary embedding."""
+        if self.rotary is None:
+            return 0
+        params = getattr(self.config, "rope_parameters", None) or {}
+        factor = params.get("partial_rotary_factor") if isinstance(params, dict) else None
+        if factor is None:
+            factor = getattr(self.config, "partial_rotary_factor", None) or getattr(self.config, "rotary_pct", 1.0)
+        return int(self.head_dim * float(factor))
 
     def sliding_window(self, layer: LayerView) -> int | None:
         """Keys a layer's queries may see (None: all), as the model's own attention applies it."""
@@ -126,14 +161,15 @@ class ModelAdapter:
             path = getattr(spec, role)
             if path is not None:
                 linears[role] = LinearView(f"L{index}.{role}", resolve(layer, path), transposed=t)
-        heads: dict[str, LinearView]
-        if "qkv" in linears:
-            fused = linears["qkv"]
-            nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            bounds = {"q": (0, nq), "k": (nq, nq + nkv), "v": (nq + nkv, nq + 2 * nkv)}
-            heads = {r: LinearView(f"L{index}.{r}", fused.module, t, b) for r, b in bounds.items()}
-        else:
-            heads = {r: linears[r] for r in ("q", "k", "v")}
+        if spec.gate_up is not None:  # one module, output rows [gate; up]: two views of it
+            fused_mlp = resolve(layer, spec.gate_up)
+            width = (fused_mlp.weight.shape[1] if t else fused_mlp.weight.shape[0]) // 2
+            linears["gate"] = LinearView(f"L{index}.gate", fused_mlp, t, (0, width))
+            linears["up"] = LinearView(f"L{index}.up", fused_mlp, t, (width, 2 * width))
+            linears = {role: linears[role] for role in ATTN_ROLES + MLP_ROLES if role in linears}
+        heads = ({r: LinearView(f"L{index}.{r}", linears["qkv"].module, t, rows)
+                  for r, rows in self._qkv_rows().items()} if "qkv" in linears
+                 else {r: linears[r] for r in ("q", "k", "v")})
         optional = {
             name: resolve(layer, getattr(spec, name)) if getattr(spec, name) else None
             for name in ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm", "q_norm", "k_norm", "mlp")
@@ -149,6 +185,15 @@ class ModelAdapter:
             head_projections=heads,
             **optional,
         )
+
+    def _qkv_rows(self) -> dict[str, Rows]:
+        """Where q, k and v sit in a fused qkv projection's output rows."""
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.spec.qkv_layout == "heads":  # [q_h; k_h; v_h] for each head h (no grouped-query attention)
+            base = torch.arange(nh)[:, None] * 3 * hd
+            return {r: (base + j * hd + torch.arange(hd)).reshape(-1) for j, r in enumerate(("q", "k", "v"))}
+        nq, nk = nh * hd, nkv * hd
+        return {"q": (0, nq), "k": (nq, nq + nk), "v": (nq + nk, nq + 2 * nk)}
 
     # -- queries --------------------------------------------------------------------------------
     def iter_linears(self) -> list[LinearView]:
@@ -170,6 +215,9 @@ class ModelAdapter:
             "head_dim": self.head_dim,
             "gated_mlp": self.layers[0].gated_mlp,
             "fused_qkv": "qkv" in self.layers[0].linears,
+            "fused_gate_up": self.spec.gate_up is not None,
+            "parallel_residual": self.parallel_residual,
+            "rotary_dim": self.rotary_dim,
             "activation": type(self.layers[0].act_fn).__name__,
             "vocab_size": self.vocab_size,
             "max_context": self.max_context,

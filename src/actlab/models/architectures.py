@@ -4,13 +4,17 @@ Adding an architecture is one `ArchSpec` entry: module paths (relative to the mo
 parts, relative to one decoder layer for per-layer parts). Nothing else in actlab matches on module
 names. Canonical roles:
 
-- attention: `q`, `k`, `v` (or one fused `qkv` whose output rows are [q; k; v]), `o`;
+- attention: `q`, `k`, `v` (or one fused `qkv` whose output rows are [q; k; v], or, with `qkv_layout="heads"`,
+  [q_h; k_h; v_h] head after head as GPT-NeoX stores them), `o`;
 - MLP: `gate` is the projection whose output goes through the activation function, `up` the one
   multiplied element-wise with it (gated MLPs only), `down` the output projection. A non-gated MLP
-  (GPT-2, OPT: fc1 -> act -> fc2) has `gate` = fc1, no `up`, `down` = fc2;
+  (GPT-2, OPT: fc1 -> act -> fc2) has `gate` = fc1, no `up`, `down` = fc2. A fused `gate_up` module
+  (Phi-3) has output rows [gate; up]; the adapter splits it into `gate` and `up` views of the same module;
 - norms: `attn_norm` (before attention), `mlp_norm` (before the MLP; its input is the residual stream
   after attention), optional norms applied to the sublayer outputs (Gemma 2/3 have both, OLMo-2 only these),
-  optional q/k norms per head (Qwen3, Gemma 3) or over the whole projection (OLMo-2).
+  optional q/k norms per head (Qwen3, Gemma 3) or over the whole projection (OLMo-2);
+- residual: sequential (attention, then the MLP on the updated stream) or, where the config's
+  `parallel_residual_attr` is true, parallel (GPT-NeoX: x + attn(norm1(x)) + mlp(norm2(x))).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ class ArchSpec:
     # per-layer parts, relative to one decoder layer
     attn: str
     o: str
-    gate: str
+    gate: str | None  # None only with a fused gate_up
     down: str
     act: str
     attn_norm: str | None = None  # None: the sublayer reads the residual stream itself (OLMo-2)
@@ -43,6 +47,9 @@ class ArchSpec:
     v: str | None = None
     qkv: str | None = None
     up: str | None = None
+    gate_up: str | None = None  # one module whose output rows are [gate; up] (Phi-3)
+    qkv_layout: str = "blocks"  # "blocks": [q; k; v]; "heads": [q_h; k_h; v_h] per head (GPT-NeoX)
+    parallel_residual_attr: str | None = None  # config attribute that turns on the parallel residual
     attn_post_norm: str | None = None
     mlp_post_norm: str | None = None
     q_norm: str | None = None
@@ -61,7 +68,7 @@ class ArchSpec:
 
     @property
     def gated_mlp(self) -> bool:
-        return self.up is not None
+        return self.up is not None or self.gate_up is not None
 
 
 _LLAMA_LIKE = dict(
@@ -123,6 +130,34 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         q_norm="self_attn.q_norm",
         k_norm="self_attn.k_norm",
         qk_norm_per_head=False,
+    ),
+    ArchSpec(
+        family="phi3",
+        model_types=("phi3",),
+        **{**_LLAMA_LIKE, "q": None, "k": None, "v": None, "gate": None, "up": None, "act": "mlp.activation_fn"},
+        qkv="self_attn.qkv_proj",
+        gate_up="mlp.gate_up_proj",
+        sliding_window_from_config=True,
+    ),
+    ArchSpec(
+        family="gpt_neox",
+        model_types=("gpt_neox",),
+        layers="gpt_neox.layers",
+        embed="gpt_neox.embed_in",
+        final_norm="gpt_neox.final_layer_norm",
+        lm_head="lm_head",
+        attn="attention",
+        qkv="attention.query_key_value",
+        qkv_layout="heads",
+        o="attention.dense",
+        mlp="mlp",
+        gate="mlp.dense_h_to_4h",
+        down="mlp.dense_4h_to_h",
+        act="mlp.act",
+        attn_norm="input_layernorm",
+        mlp_norm="post_attention_layernorm",
+        rotary="gpt_neox.rotary_emb",
+        parallel_residual_attr="use_parallel_residual",
     ),
     ArchSpec(
         family="gpt2",

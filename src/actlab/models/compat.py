@@ -32,5 +32,9 @@ def output_cache(output: Any) -> Any:
 
 
 def call_cache(kwargs: dict[str, Any]) -> Any:
-    """The KV cache a forward was called with (from a hook's kwargs), or None."""
-    return kwargs.get("cache", kwargs.get("past_key_values"))
+    """The KV cache a forward was called with (from a hook's kwargs), or None (GPT-NeoX's layers name it
+    `layer_past`)."""
+    for name in ("cache", "past_key_values", "layer_past"):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None

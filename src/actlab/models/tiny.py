@@ -15,10 +15,12 @@ from transformers import (
     Gemma2Config,
     Gemma3TextConfig,
     GPT2Config,
+    GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
     Olmo2Config,
     OPTConfig,
+    Phi3Config,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -96,6 +98,23 @@ def _olmo2(vocab: int) -> PretrainedConfig:
                        tie_word_embeddings=False, **_common(vocab))
 
 
+def _phi3(vocab: int) -> PretrainedConfig:
+    # fused qkv_proj and gate_up_proj; half of each head turned by the rotary embedding (as in Phi-4-mini)
+    return Phi3Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+                      original_max_position_embeddings=MAX_POSITIONS, initializer_range=0.08,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+                      **_common(vocab))
+
+
+def _gpt_neox(vocab: int) -> PretrainedConfig:
+    # Pythia's layout: parallel residual, q/k/v fused head after head, a quarter of each head rotated
+    return GPTNeoXConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=MAX_POSITIONS, initializer_range=0.08, use_parallel_residual=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "partial_rotary_factor": 0.25}, **_common(vocab))
+
+
 def _gpt2(vocab: int) -> PretrainedConfig:
     return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POSITIONS, initializer_range=0.08,
                       **_common(vocab))
@@ -115,6 +134,8 @@ TINY_CONFIGS: dict[str, Callable[[int], PretrainedConfig]] = {
     "tiny-gemma3": _gemma3,
     "tiny-gemma2": _gemma2,
     "tiny-olmo2": _olmo2,
+    "tiny-phi3": _phi3,
+    "tiny-gpt-neox": _gpt_neox,
     "tiny-gpt2": _gpt2,
     "tiny-opt": _opt,
 }

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from actlab.errors import ConfigError
+from actlab.models.adapter import replace_rows
 from actlab.models.compat import call_cache
 from actlab.probe.sites import Site, get_site
 
@@ -160,6 +161,15 @@ class Editor(contextlib.AbstractContextManager):
                 x = e.apply(x, site, ctx)
             return site.put(captured, x)
 
+        if site.fused_input is not None:  # one projection of a fused module: recompute its rows from the edit
+            view = site.fused_input
+
+            def fused_hook(_module, args, kwargs, out):
+                x = args[0] if args else next(iter(kwargs.values()))
+                return replace_rows(out, view.rows, view.apply(run(x)))
+
+            # before the module's output edits, which then see the recomputed rows
+            return site.module.register_forward_hook(fused_hook, with_kwargs=True, prepend=True)
         if site.capture == "input":
             def pre_hook(_module, args, kwargs):
                 if args:

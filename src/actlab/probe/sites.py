@@ -7,7 +7,8 @@ Per layer i:
   L{i}.v           value vectors, [tokens, kv_heads, head_dim]
   L{i}.attn_probs  attention probabilities [batch, heads, queries, keys] (see probe.attention; read only)
   L{i}.o_in        per-head attention output fed to o, [tokens, heads, head_dim]
-  L{i}.resid_mid   residual stream after attention (the input of the pre-MLP norm)
+  L{i}.resid_mid   residual stream after attention (the input of the pre-MLP norm: under a parallel
+                   residual, GPT-NeoX, that is the block's input)
   L{i}.mlp_in      normed input of the MLP
   L{i}.gate        pre-activation (output of gate_proj, or fc1 in a non-gated MLP)
   L{i}.act         activation output act(gate)
@@ -17,7 +18,9 @@ Per layer i:
 and `final_norm`, `logits`. Every projection also has its own input and output site, `L{i}.<role>_in` and
 `L{i}.<role>_out` (role q, k, v or qkv, o, gate, up, down): q_in, k_in and v_in all see attn_in's tensor,
 but an edit at q_in changes only what q reads. `o_out` and `down_out` are the attention and MLP sublayer
-outputs (before a post-norm, where the family has one). These are not profiled unless asked for.
+outputs (before a post-norm, where the family has one). These are not profiled unless asked for. A projection
+inside a fused module (Phi-3's gate and up in gate_up_proj) has its own sites too: its output site is its
+block of the module's output rows, and an edit at its input site recomputes only its rows from the edited input.
 
 A site reads its tensor with `read` (the view statistics consume) and is edited through `view` / `put`: the
 flat [..., channels] tensor at the site, and the captured object with that tensor replaced. A site with
@@ -34,7 +37,7 @@ import torch
 from torch import nn
 
 from actlab.errors import ConfigError
-from actlab.models.adapter import ModelAdapter
+from actlab.models.adapter import LinearView, ModelAdapter, Rows, replace_rows, select_rows
 from actlab.models.keys import projection_key, projection_site, site_key
 
 LAYER_SITE_KINDS = ("resid_in", "attn_in", "v", "attn_probs", "o_in", "resid_mid", "mlp_in", "gate", "act", "up",
@@ -43,7 +46,7 @@ GLOBAL_SITE_KINDS = ("final_norm", "logits")
 READ_ONLY_KINDS = ("attn_probs",)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Site:
     name: str
     kind: str
@@ -53,12 +56,15 @@ class Site:
     channels: int = 0  # width of the flat [tokens, channels] view
     # turns the raw captured object into the site's tensor (tuple element, fused slice, head split)
     select: Callable[[object], torch.Tensor] | None = None
-    rows: tuple[int, int] | None = None  # a block of a fused module's output (GPT-2's v inside c_attn)
+    rows: Rows | None = None  # some of a fused module's output rows (GPT-2's v inside c_attn, Phi-3's gate)
     heads: tuple[int, int] | None = None  # (heads, head_dim) of a head-structured site
     projection: str | None = None  # the projection key of a projection site ("L3.q")
+    # the input site of one projection inside a fused module (Phi-3's gate_in): an edit there changes what
+    # this projection reads only, so the hook recomputes its rows of the module's output from the edited input
+    fused_input: LinearView | None = None
 
     def read(self, captured: object) -> torch.Tensor:
-        return self.select(captured) if self.select else _first(captured)
+        return self.select(captured) if self.select else self.view(captured)
 
     @property
     def writable(self) -> bool:
@@ -66,14 +72,12 @@ class Site:
 
     def view(self, captured: object) -> torch.Tensor:
         """The site's tensor with its channels flat in the last dimension (batch and positions as captured)."""
-        t = _first(captured)
-        return t if self.rows is None else t[..., self.rows[0] : self.rows[1]]
+        return select_rows(_first(captured), self.rows)
 
     def put(self, captured: object, new: torch.Tensor) -> object:
         """`captured` with the site's tensor replaced by `new` (same shape as `view(captured)`)."""
-        t = _first(captured)
         if self.rows is not None:
-            new = torch.cat([t[..., : self.rows[0]], new, t[..., self.rows[1] :]], dim=-1)
+            new = replace_rows(_first(captured), self.rows, new)
         if isinstance(captured, tuple):
             return (new, *captured[1:])
         return new
@@ -93,15 +97,12 @@ def all_sites(adapter: ModelAdapter) -> list[Site]:
         v_view = layer.head_projections["v"]
 
         def v_select(out, rows=v_view.rows, nkv=nkv, hd=hd):
-            t = _first(out)
-            if rows is not None:
-                t = t[..., rows[0] : rows[1]]
-            return t.reshape(-1, nkv, hd)
+            return select_rows(_first(out), rows).reshape(-1, nkv, hd)
 
         def o_select(x, nh=nh, hd=hd):
             return _first(x).reshape(-1, nh, hd)
 
-        up = layer.linears["up"].module if layer.gated_mlp else None
+        gate, up = layer.linears["gate"], layer.linears.get("up")
         named = [  # kind, module, capture, channels, select, rows, heads
             ("resid_in", layer.module, "input", d, None, None, None),
             ("attn_in", *((layer.attn_norm, "output") if layer.attn_norm is not None else (layer.attn, "input")), d,
@@ -112,9 +113,9 @@ def all_sites(adapter: ModelAdapter) -> list[Site]:
             ("resid_mid", layer.mlp_norm if layer.mlp_norm is not None else layer.mlp, "input", d, None, None, None),
             ("mlp_in", *((layer.mlp_norm, "output") if layer.mlp_norm is not None else (layer.mlp, "input")), d,
              None, None, None),
-            ("gate", layer.linears["gate"].module, "output", ffn, None, None, None),
+            ("gate", gate.module, "output", ffn, None, gate.rows, None),
             ("act", layer.act_fn, "output", ffn, None, None, None),
-            ("up", up, "output", ffn, None, None, None),
+            ("up", up.module if up else None, "output", ffn, None, up.rows if up else None, None),
             ("down_in", layer.linears["down"].module, "input", ffn, None, None, None),
             ("resid_out", layer.module, "output", d, None, None, None),
         ]
@@ -129,7 +130,8 @@ def all_sites(adapter: ModelAdapter) -> list[Site]:
                 name = projection_site(key, side)
                 if name not in have:
                     sites.append(Site(name, f"{role}_{side}", i, lin.module, capture, width, heads=heads,
-                                      projection=key))
+                                      projection=key, rows=lin.rows if side == "out" else None,
+                                      fused_input=lin if side == "in" and lin.fused else None))
     sites.append(Site("final_norm", "final_norm", None, adapter.final_norm, "output", d))
     sites.append(Site("logits", "logits", None, adapter.lm_head, "output", adapter.vocab_size))
     return sites

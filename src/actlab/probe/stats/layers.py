@@ -2,7 +2,8 @@
 
 Per layer, per token (means over tokens):
 - cos(block input, block output); ShortGPT's Block Influence BI = 1 - cos (Men et al. 2024);
-- cos(x, x + attn) and cos(x + attn, x + attn + mlp): how much each sublayer turns the stream;
+- cos(x, x + attn) and cos(x + attn, x + attn + mlp): how much each sublayer turns the stream (NaN under a
+  parallel residual, where the sublayers' updates are not applied one after the other);
 - ||h_out - h_in|| / ||h_in||: relative update size per token (its distribution is the basis of
   L2-norm adaptive computation: tokens whose update is tiny could skip the block);
 - RMS of the hidden state leaving the block.
@@ -28,6 +29,7 @@ class LayerRedundancy(Statistic):
 
     def __init__(self) -> None:
         super().__init__()
+        self._sequential = True
         self._block_in: dict[int, torch.Tensor] = {}
         self._mid: dict[int, torch.Tensor] = {}
 
@@ -35,7 +37,10 @@ class LayerRedundancy(Statistic):
         return site.kind in ("resid_in", "resid_mid", "resid_out")
 
     def allocate(self, sites, adapter, batch_size, seq_len):
-        fields = {f: ((), torch.float64, 0.0) for f in SUMS if f != "delta_hist"}
+        # under a parallel residual (GPT-NeoX) the MLP reads the block's input: no stream "after attention"
+        self._sequential = not adapter.parallel_residual
+        skip = {"delta_hist"} | (set() if self._sequential else {"cos_attn", "cos_mlp"})  # absent: NaN in tables
+        fields = {f: ((), torch.float64, 0.0) for f in SUMS if f not in skip}
         fields["delta_hist"] = ((NUM_BINS,), torch.int64, 0)
         for layer in sorted({s.layer for s in sites if s.kind == "resid_out"}):
             self.acc.setdefault(f"L{layer}", self.empty_fields(fields))
@@ -52,6 +57,8 @@ class LayerRedundancy(Statistic):
             return
         block_in = self._block_in.get(i)
         if site.kind == "resid_mid":
+            if not self._sequential:
+                return
             self._mid[i] = h
             if block_in is not None:
                 self._add(i, {"cos_attn": F.cosine_similarity(block_in, h, dim=-1).double().sum()})
