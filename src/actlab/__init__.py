@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING, Any
 from actlab.errors import ActlabError
 
 __version__ = "0.1.0"
-_LAZY = {"LoadedModel": "actlab.models", "load_model": "actlab.models", "wrap": "actlab.models"}
-__all__ = ["ActlabError", "LoadedModel", "__version__", "load_model", "wrap"]
+_LAZY = {"LoadedModel": "actlab.models", "load_model": "actlab.models", "wrap": "actlab.models",
+         "sparsify": "actlab.api"}
+__all__ = ["ActlabError", "LoadedModel", "__version__", "load_model", "sparsify", "wrap"]
 
 if TYPE_CHECKING:
+    from actlab.api import sparsify  # noqa: F401
     from actlab.models import LoadedModel, load_model, wrap  # noqa: F401
 
 

@@ -11,7 +11,8 @@ import typer
 
 from actlab.errors import ActlabError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# plain click help (rich's panels print every flag as `--json <bool>`); each command's docstring ends in examples
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Profile the insides of Hugging Face causal LMs and transform them, with the cost measured.")
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -32,11 +33,21 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from actlab import __version__
+
+        print(f"actlab {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _options(
     allow_missing_weights: Annotated[bool, typer.Option("--allow-missing-weights", help="load a checkpoint that "
                                                         "lacks weights (they are random; every output says so)")]
     = False,
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version,
+                                          help="print the version and exit")] = False,
 ) -> None:
     if allow_missing_weights:
         import os
@@ -72,7 +83,13 @@ def parse_method(spec: str) -> tuple[str, dict]:
 
 @app.command("models")
 def models_cmd(as_json: JsonOpt = False) -> None:
-    """List the built-in models and whether each is cached."""
+    """List the built-in models and whether each is cached.
+
+    \b
+    Examples:
+      actlab models
+      actlab models --json
+    """
     from actlab.models import list_models
 
     rows = list_models()
@@ -95,7 +112,12 @@ def ppl_cmd(
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="windows per forward (auto)")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Perplexity of a model on a corpus (non-overlapping windows from the start, GPTQ/TEAL protocol)."""
+    """Perplexity of a model on a corpus (non-overlapping windows from the start, GPTQ/TEAL protocol).
+
+    \b
+    Examples:
+      actlab ppl --model smollm2-135m --data wikitext2:test --seq-len 1024 --windows 40
+    """
     from actlab.data import WindowSpec, load_corpus, make_windows
     from actlab.eval import perplexity
     from actlab.models import load_model
@@ -121,15 +143,23 @@ def profile_cmd(
     seq_len: Annotated[int | None, typer.Option("--seq-len", min=2, help="tokens per window (default 1024)")] = None,
     sites: Annotated[str | None, typer.Option(help="site patterns, e.g. 'L*.down_in,L*.resid_out'")] = None,
     out: Annotated[str | None, typer.Option(help="run directory (default runs/<model>-<time>)")] = None,
-    resume: Annotated[bool, typer.Option(help="continue a partial run, or extend a complete one to --tokens")] = False,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing run in --out")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue a partial run, or extend a complete one to "
+                                                          "--tokens")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing run in --out")] = False,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="windows per forward (1)")] = None,
     query_stride: Annotated[int | None, typer.Option(min=1, help="attention statistics read every n-th query "
                                                                 "(default 16)")] = None,
     lens_stride: Annotated[int | None, typer.Option(min=1, help="logit lens reads every n-th position "
                                                                "(default 128)")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Profile activations at every site and write tables, raw state and report.html into a run directory."""
+    """Profile activations at every site and write tables, raw state and report.html into a run directory.
+
+    \b
+    Examples:
+      actlab profile --model gemma3-270m --data wikitext2:valid --tokens 65536 --out runs/gemma
+      actlab profile --sites 'L*.down_in' --out runs/ffn
+    """
     import time as _time
 
     from actlab.jobs.profile import ProfileOptions, profile
@@ -139,26 +169,49 @@ def profile_cmd(
     run = profile(model, data, out, tokens=tokens, seq_len=seq_len, options=options, resume=resume,
                   overwrite=overwrite, log=_log)
     manifest = run.manifest()
-    print(f"{manifest['status']}: {manifest.get('tokens_done')} tokens, {len(manifest['sites'])} sites -> "
-          f"{run.path / 'report.html'}")
+    _emit(_run_summary(run), as_json, f"{manifest['status']}: {manifest.get('tokens_done')} tokens, "
+                                      f"{len(manifest['sites'])} sites -> {run.path / 'report.html'}")
+
+
+def _run_summary(run) -> dict:
+    """What --json prints for a run directory: where it is, its status and size, its tables and report."""
+    manifest = run.manifest()
+    tables = sorted(p.stem for p in (run.path / "tables").glob("*.parquet"))
+    return {"run": str(run.path), "status": manifest.get("status"), "model": manifest.get("model", {}).get("name"),
+            "tokens": manifest.get("tokens_done"), "windows": manifest.get("windows_done"),
+            "sites": len(manifest.get("sites", [])), "tables": tables, "report": str(run.path / "report.html")}
 
 
 @app.command("report")
-def report_cmd(run: Annotated[str, typer.Argument(help="a complete run directory")]) -> None:
-    """Re-render report.html of a run from its tables."""
-    from actlab.jobs.profile import rerender
+def report_cmd(run: Annotated[str, typer.Argument(help="a complete run directory")],
+               as_json: JsonOpt = False) -> None:
+    """Re-render report.html of a run from its tables.
 
-    print(rerender(run))
+    \b
+    Examples:
+      actlab report runs/gemma
+    """
+    from actlab.jobs.profile import rerender
+    from actlab.report.rundir import RunDirectory
+
+    page = rerender(run)
+    _emit(_run_summary(RunDirectory(page.parent)), as_json, str(page))
 
 
 @app.command("merge")
 def merge_cmd(runs: Annotated[list[str], typer.Argument(help="two or more complete runs")],
-              out: Annotated[str, typer.Option(help="new run directory")]) -> None:
-    """Merge the statistics of runs of the same model (e.g. profiled on different corpora) into a new run."""
+              out: Annotated[str, typer.Option(help="new run directory")], as_json: JsonOpt = False) -> None:
+    """Merge the statistics of runs of the same model (e.g. profiled on different corpora) into a new run.
+
+    \b
+    Examples:
+      actlab merge runs/a runs/b --out runs/ab
+    """
     from actlab.jobs.profile import merge
 
     target = merge(runs, out, log=_log)
-    print(f"merged {len(runs)} runs -> {target.path / 'report.html'}")
+    _emit({**_run_summary(target), "merged": list(runs)}, as_json,
+          f"merged {len(runs)} runs -> {target.path / 'report.html'}")
 
 
 @app.command("sparsify")
@@ -179,12 +232,15 @@ def sparsify_cmd(
     list_methods: Annotated[bool, typer.Option("--list-methods", help="list the methods and exit")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Calibrate a sparsity method to a budget, then measure dense and sparse perplexity on held-out data."""
-    from actlab.transforms.sparsity import METHODS
+    """Calibrate a sparsity method to a budget, then measure dense and sparse perplexity on held-out data.
 
+    \b
+    Examples:
+      actlab sparsify --method loss-aware --sparsity 0.5 --calib wikitext2:valid --eval wikitext2:test --save la50.json
+      actlab sparsify --list-methods
+    """
     if list_methods:
-        for name, cls in METHODS.items():
-            print(f"{name}\t{cls.paper}")
+        _list_methods(as_json)
         return
     from actlab.errors import ConfigError
     from actlab.jobs.sparsify import sparsify
@@ -201,6 +257,31 @@ def sparsify_cmd(
                         f"(from the {out['positions_from']})")
 
 
+def _list_methods(as_json: bool) -> None:
+    """The sparsity methods as a table: name, engine support, parameters (defaults), paper."""
+    import dataclasses
+
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from actlab.transforms.sparsity import HOOKS_ONLY, METHODS
+
+    rows = [{"method": name, "engine": name not in HOOKS_ONLY,
+             "parameters": {f.name: f.default for f in dataclasses.fields(cls)
+                            if f.default is not dataclasses.MISSING and not f.name.startswith("_")},
+             "paper": cls.paper} for name, cls in METHODS.items()]
+    if as_json:
+        print(json.dumps(rows, default=str))
+        return
+    table = Table("method", "engine", "parameters (default)", "paper", show_lines=False)
+    for r in rows:
+        table.add_row(r["method"], "yes" if r["engine"] else "hooks only",
+                      escape(", ".join(f"{k}={v}" for k, v in r["parameters"].items()) or "-"), escape(r["paper"]))
+    Console(width=max(160, Console().width)).print(table)
+    print("parameters go after the name: --method wina:topk=true;step=0.1 (numbers, booleans and strings)")
+
+
 @app.command("eval")
 def eval_cmd(
     model: ModelOpt = DEFAULT_MODEL,
@@ -214,7 +295,13 @@ def eval_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate the dense model and every recipe on the same items: perplexity and zero-shot tasks (lm-eval's
-    prompts and metrics), each with a standard error; a Δ column per recipe with the paired error."""
+    prompts and metrics), each with a standard error; a Δ column per recipe with the paired error.
+
+    \b
+    Examples:
+      actlab eval --recipe la50.json --tasks wikitext2,lambada,arc_easy,piqa --limit 500 --out runs/eval
+      actlab eval --tasks my_task.yaml
+    """
     from actlab.jobs.eval import eval_job
 
     result = eval_job(model, recipe or [], tasks=tasks, limit=limit, out=out, speed=speed, log=_log)
@@ -238,11 +325,35 @@ def compose_cmd(
     out: Annotated[str, typer.Option(help="the composed recipe file (.json or .yaml)")],
     model: Annotated[str | None, typer.Option("--model", "-m", help="also validate against this model")] = None,
 ) -> None:
-    """Compose recipes of any families into one recipe file (validated: same model, parts that can stack)."""
+    """Compose recipes of any families into one recipe file (validated: same model, parts that can stack).
+
+    \b
+    Examples:
+      actlab compose la50.json drop.yaml --out both.json --model smollm2-135m
+    """
     from actlab.jobs.export import compose_job
 
     recipe = compose_job(recipes, out, model=model, log=_log)
     print(f"{recipe.describe()} -> {out}")
+
+
+@app.command("layers")
+def layers_cmd(
+    remove: Annotated[str, typer.Option(help="blocks and sublayers to remove, e.g. 'L20,L21.attn,L3.mlp'")],
+    save: Annotated[str, typer.Option(help="the layer recipe file (.json or .yaml)")],
+    model: ModelOpt = DEFAULT_MODEL,
+) -> None:
+    """Write a layer recipe that removes whole blocks (L20) or attention / MLP sublayers (L21.attn, L3.mlp): evaluate,
+    compose and export it like any recipe; the decode engine skips what it removes.
+
+    \b
+    Examples:
+      actlab layers --remove L20,L21.attn --save drop.yaml
+    """
+    from actlab.jobs.export import layers_job
+
+    recipe = layers_job(model, remove, save, log=_log)
+    print(f"{recipe.describe()} -> {save}")
 
 
 @app.command("export")
@@ -255,7 +366,13 @@ def export_cmd(
 ) -> None:
     """Export a model (with a recipe) as a Hugging Face directory or a GGUF file. What a recipe can fold into
     weights is folded; a runtime transform (activation sparsity, interventions) is saved beside the weights:
-    actlab.load_model re-attaches it, plain transformers runs the model without it."""
+    actlab.load_model re-attaches it, plain transformers runs the model without it.
+
+    \b
+    Examples:
+      actlab export --recipe la50.json --out exported/
+      actlab export --out smollm2.gguf --format gguf
+    """
     from actlab.jobs.export import export_job
 
     report = export_job(model, recipe, out, fmt=fmt, log=_log)
@@ -275,7 +392,12 @@ def sparsity_at_ppl_cmd(
     steps: Annotated[int, typer.Option(min=1, help="bisection steps on the common CETT")] = 8,
     as_json: JsonOpt = False,
 ) -> None:
-    """PPL-p% sparsity (Sparsing Law): the highest FFN activation sparsity with perplexity within p% of dense."""
+    """PPL-p% sparsity (Sparsing Law): the highest FFN activation sparsity with perplexity within p% of dense.
+
+    \b
+    Examples:
+      actlab sparsity-at-ppl --p 1 --calib wikitext2:valid --eval wikitext2:test
+    """
     from actlab.jobs.sparsify import sparsity_at_ppl_job
 
     out = sparsity_at_ppl_job(model, p=p, calib=calib, eval_data=eval_data, seq_len=seq_len, windows=windows,
@@ -299,10 +421,16 @@ def bench_decode_cmd(
     tokens: Annotated[int, typer.Option(min=2, help="new tokens per generation")] = 64,
     reps: Annotated[int, typer.Option(min=1, help="repetitions (median reported)")] = 5,
     calib: Annotated[str | None, typer.Option(help="calibration corpus for --method")] = None,
-    profile: Annotated[bool, typer.Option(help="also print where the sparse engine's time goes")] = False,
+    profile: Annotated[bool, typer.Option("--profile", help="also print where the sparse engine's time goes")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Tokens/s of HF generate, the engine dense and the engine with the recipe (greedy, batch 1), one process."""
+    """Tokens/s of HF generate, the engine dense and the engine with the recipe (greedy, batch 1), one process.
+
+    \b
+    Examples:
+      actlab bench decode --model smollm2-135m --sparsity 0.5
+      actlab bench decode --recipe la50.json --json
+    """
     from actlab.jobs.bench import bench_decode, profile_step
     from actlab.transforms import load_recipe
 
@@ -332,7 +460,7 @@ def _click_exceptions():
 
 def main() -> None:
     click = _click_exceptions()
-    if len(sys.argv) > 1 and not {"--help", "-h"} & set(sys.argv):
+    if len(sys.argv) > 1 and not {"--help", "-h", "--version"} & set(sys.argv):
         from actlab import threads
 
         threads.configure(log=_log)  # before torch is imported: thread count and OpenMP wait policy

@@ -49,11 +49,13 @@ def test_sparsify_json(smollm2, tmp_path):
 
 
 def test_list_methods_format():
-    lines = actlab_cli("sparsify", "--list-methods").stdout.strip().splitlines()
-    names = [line.split()[0] for line in lines]
-    assert {"teal", "cats", "chess", "wina", "stat-topk", "magnitude", "loss-aware"} <= set(names)
-    for line in lines:
-        name, _, description = line.partition("\t")
-        assert description.strip(), line
-        if name == "loss-aware":
-            assert description.startswith("actlab")
+    """A table for people, JSON for programs: every method with engine support, parameters and paper."""
+    from actlab.transforms.sparsity import HOOKS_ONLY, METHODS
+
+    rows = json.loads(actlab_cli("sparsify", "--list-methods", "--json").stdout)
+    assert [r["method"] for r in rows] == list(METHODS)
+    for r in rows:
+        assert r["paper"] and r["engine"] == (r["method"] not in HOOKS_ONLY)
+    assert {r["method"]: r["parameters"] for r in rows}["wina"] == {"topk": False}
+    table = actlab_cli("sparsify", "--list-methods").stdout
+    assert all(name in table for name in METHODS) and "hooks only" in table and "W[:,i]" in table

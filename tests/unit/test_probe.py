@@ -119,3 +119,23 @@ def test_v_and_o_in_have_head_layout(tiny):
 def test_tiny_models_are_deterministic():
     a, b = actlab.load_model("tiny-qwen3"), actlab.load_model("tiny-qwen3")
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+
+
+def test_probe_takes_site_names_and_run_with_cache_matches_hf_hidden_states(tiny_llama):
+    from actlab.probe import run_with_cache
+
+    ids = (torch.arange(24) % 200 + 5)[None]
+    names = [f"L{i}.resid_out" for i in range(tiny_llama.adapter.num_layers)]
+    logits, cache = run_with_cache(tiny_llama, ids, "L*.resid_out")
+    with torch.no_grad():
+        out = tiny_llama.model(ids, output_hidden_states=True)
+    torch.testing.assert_close(logits, out.logits)
+    assert sorted(cache) == sorted(names)
+    for i in range(tiny_llama.adapter.num_layers - 1):  # HF's last hidden state is after the final norm
+        torch.testing.assert_close(cache[f"L{i}.resid_out"], out.hidden_states[i + 1])
+    with Probe(tiny_llama, "L0.down_in") as probe, torch.no_grad():
+        tiny_llama.model(ids)
+        tiny_llama.model(ids)
+    assert list(probe.cache) == ["L0.down_in"] and len(probe.cache["L0.down_in"]) == 2
+    with pytest.raises(ConfigError, match="match no site"):
+        Probe(tiny_llama, "L0.nope")

@@ -57,6 +57,20 @@ def test_complete_run_layout(tmp_path, tiny_llama):
     assert not (tmp_path / "r" / ".lock").exists()
 
 
+def test_a_run_of_some_sites_completes_and_its_report_says_what_was_not_collected(tmp_path, tiny_llama):
+    """The README's `--sites 'L*.down_in'` run: a layers table without the residual columns, figures that need
+    them say so instead of crashing, and the run is complete (and re-renders)."""
+    options = ProfileOptions(sites="L*.down_in", query_stride=4, lens_stride=8)
+    run = profile("tiny-llama", None, tmp_path / "ffn", tokens=128, lm=tiny_llama,
+                  **{**KW, "options": options})
+    assert run.manifest()["status"] == "complete"
+    html = (tmp_path / "ffn" / "report.html").read_text()
+    assert "did not collect layers.block_influence" in html and "did not collect heads" in html
+    assert html.count('src="data:image/png;base64,') >= 1  # the sparsity figure of the down_in sites is drawn
+    (tmp_path / "ffn" / "report.html").unlink()
+    assert rerender(tmp_path / "ffn").is_file()
+
+
 def test_second_run_into_same_directory_is_refused(tmp_path, tiny_llama):
     profile("tiny-llama", None, tmp_path / "r", tokens=128, lm=tiny_llama, **KW)
     with pytest.raises(RunDirectoryError, match="already holds a run"):

@@ -223,3 +223,38 @@ def test_speed_column_per_recipe(tiny_llama, tmp_path):
     assert dense["decode_tok_s"] > 0 and dropped["engine_mb"] < dense["engine_mb"]
     push = InterventionRecipe("m", tiny_llama.identity.to_dict(), [SiteEdit("L0.resid_out", "zero")])
     assert "cannot run steer" in decode_speed(tiny_llama, push, log=lambda *a: None)["error"]
+
+
+def test_an_interrupted_evaluation_resumes_to_the_same_results(tiny_llama, tmp_path, monkeypatch):
+    """Killed after its second (column, task) result, `actlab eval` run again with the same arguments keeps those
+    and computes the rest: the same table as one uninterrupted run. Other arguments into the directory: refused."""
+    from actlab.jobs import eval as job
+    from actlab.transforms.steer import InterventionRecipe, SiteEdit
+
+    recipe = tmp_path / "push.json"
+    InterventionRecipe("manual", tiny_llama.identity.to_dict(),
+                       [SiteEdit("L1.resid_out", "add", torch.ones(tiny_llama.adapter.hidden_size), 2.0)]).save(recipe)
+    tasks = f"{_task(tmp_path, MINE, ROWS)},lambada"
+    args = dict(model="tiny-llama", recipes=[str(recipe)], tasks=tasks, limit=4, progress=False)
+    whole = job.eval_job(**args, out=str(tmp_path / "whole"), log=lambda *a: None)
+
+    saved = job.EvalCheckpoint.save
+
+    def save_then_die(self, column, result):
+        saved(self, column, result)
+        if sum(len(t) for t in self.state["done"].values()) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(job.EvalCheckpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        job.eval_job(**args, out=str(tmp_path / "resumed"), log=lambda *a: None)
+    monkeypatch.setattr(job.EvalCheckpoint, "save", saved)
+    lines: list[str] = []
+    resumed = job.eval_job(**args, out=str(tmp_path / "resumed"), log=lines.append)
+    assert sum("kept from the interrupted run" in line for line in lines) == 2
+    assert resumed.table() == whole.table()
+    for a, b in zip(whole.columns, resumed.columns):
+        assert {t: r.records for t, r in a.results.items()} == {t: r.records for t, r in b.results.items()}
+    assert (tmp_path / "resumed" / "compare.html").is_file()
+    with pytest.raises(ConfigError, match="other limit"):
+        job.eval_job(**{**args, "limit": 3}, out=str(tmp_path / "resumed"), log=lambda *a: None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,17 @@ class TaskResult:
         if with_records:
             out["records"] = self.records
         return out
+
+    @classmethod
+    def from_saved(cls, entry: dict[str, Any], records: list[dict[str, Any]]) -> TaskResult:
+        """A result written by `to_dict` and its per-item records (what a resumed evaluation reuses)."""
+        metrics = {m: (v["value"], v["stderr"]) for m, v in entry["metrics"].items()}
+        per_item = {m: [float(r[m]) for r in records] for m in metrics if m != "perplexity"}
+        if "perplexity" in metrics:  # what _run pairs: window NLLs, or the negated continuation log-likelihood
+            per_item["perplexity"] = [r["nll"] if entry["output_type"] == "perplexity" else -r["loglikelihoods"][0]
+                                      for r in records]
+        return cls(entry["task"], entry["output_type"], entry["version"], entry["n"], metrics, per_item, records,
+                   entry.get("seconds", 0.0))
 
 
 @dataclass
@@ -116,7 +128,9 @@ def _num(x: float) -> str:
 # -- running ------------------------------------------------------------------------------------------
 
 def evaluate(lm: Any, tasks: list[TaskSpec], columns: list[Column], limit: int | None = None, progress: bool = True,
-             log=print) -> Evaluation:
+             log=print, on_result: Callable[[Column, TaskResult], None] | None = None) -> Evaluation:
+    """Every column on every task. Results already in a column (`column.results`, e.g. loaded from an interrupted
+    run) are kept and not recomputed; `on_result(column, result)` is called after each new one (a checkpoint)."""
     from actlab.transforms.compose import attach, cost_of, validate
 
     if limit is not None and limit < 1:
@@ -127,16 +141,26 @@ def evaluate(lm: Any, tasks: list[TaskSpec], columns: list[Column], limit: int |
     prepared = {spec.task: (spec, _prepare(lm, spec, limit)) for spec in tasks}
     for col in columns:
         col.cost = cost_of(lm, col.recipe).to_dict()
+        todo = [name for name in prepared if name not in col.results]
+        for name in prepared:
+            if name not in todo:
+                log(f"{col.name}: {name} kept from the interrupted run")
+        if not todo:
+            continue
         with contextlib.ExitStack() as stack:
             attached = stack.enter_context(attach(lm, col.recipe)) if col.recipe is not None else None
-            for name, (spec, data) in prepared.items():
+            for name in todo:
+                spec, data = prepared[name]
                 start = time.perf_counter()
-                col.results[name] = _run(lm, spec, data, f"{col.name}: {name}", progress)
-                col.results[name].seconds = time.perf_counter() - start
-                scores = col.results[name].metrics.items()
-                log(f"{col.name}: {name} " + ", ".join(f"{m} {v:.4f}" for m, (v, _) in scores))
-            if attached is not None:
-                col.measured = attached.summary(lm)
+                result = _run(lm, spec, data, f"{col.name}: {name}", progress)
+                result.seconds = time.perf_counter() - start
+                col.results[name] = result
+                log(f"{col.name}: {name} " + ", ".join(f"{m} {v:.4f}" for m, (v, _) in result.metrics.items()))
+                if attached is not None:
+                    col.measured = attached.summary(lm)  # over the tasks this process ran
+                if on_result is not None:
+                    on_result(col, result)
+        col.results = {name: col.results[name] for name in prepared}  # the tasks' order, whatever ran first
     return Evaluation(lm.identity.to_dict(), limit, columns, list(lm.provenance.get("warnings", [])))
 
 
@@ -155,7 +179,7 @@ def _run(lm: Any, spec: TaskSpec, data: Any, description: str, progress: bool) -
     if spec.output_type == "perplexity":
         from actlab.eval.perplexity import perplexity
 
-        result = perplexity(lm, data, batch_size=1, progress=progress)
+        result = perplexity(lm, data, batch_size=1, progress=progress, description=description)
         ppl, se = M.perplexity_of_nlls(result.window_nll)
         return TaskResult(spec.task, spec.output_type, spec.version, len(data), {"perplexity": (ppl, se)},
                           {"perplexity": result.window_nll},

@@ -54,14 +54,14 @@ def auto_batch_size(lm: LoadedModel, seq_len: int) -> int:
 
 @torch.no_grad()
 def perplexity(lm: LoadedModel, windows: torch.Tensor, batch_size: int | None = None,
-               progress: bool = True) -> PerplexityResult:
+               progress: bool = True, description: str = "perplexity") -> PerplexityResult:
     batch_size = batch_size or auto_batch_size(lm, windows.shape[1])
     windows = windows.to(lm.device)
     start = time.perf_counter()
     total = torch.zeros((), dtype=torch.float64)
     per_window: list[float] = []
     batches = range(0, len(windows), batch_size)
-    for i in track(batches, total=len(batches), description="perplexity", enabled=progress):
+    for i in track(batches, total=len(batches), description=description, enabled=progress):
         sums = window_nll(lm.model, windows[i : i + batch_size]).cpu()
         total += sums.sum()
         per_window += (sums / (windows.shape[1] - 1)).tolist()

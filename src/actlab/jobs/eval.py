@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from actlab.data.tasks import TaskSpec, load_task
 from actlab.errors import ConfigError
-from actlab.eval.harness import DENSE, Column, Evaluation, evaluate
+from actlab.eval.harness import DENSE, Column, Evaluation, TaskResult, evaluate
+from actlab.fsutil import atomic_write_json, atomic_write_text
 from actlab.jobs import setup
 from actlab.transforms import load_recipe
 
@@ -48,7 +51,13 @@ def eval_job(model: str, recipes: list[str], tasks: str = DEFAULT_TASKS, limit: 
     target = _output_dir(out) if out else None
     lm = setup.model(model, log)
     columns = [Column(DENSE)] + [Column(name, r) for name, r in zip(column_names(recipes), loaded)]
-    result = evaluate(lm, specs, columns, limit=limit, progress=progress, log=log)
+    checkpoint = None
+    if target is not None:
+        fingerprint = evaluation_fingerprint(lm, specs, limit, recipes, columns)
+        checkpoint = EvalCheckpoint(target, fingerprint)
+        checkpoint.restore(columns, log)
+    result = evaluate(lm, specs, columns, limit=limit, progress=progress, log=log,
+                      on_result=checkpoint.save if checkpoint else None)
     if speed:
         for col in columns:
             col.speed = decode_speed(lm, col.recipe, log)
@@ -84,6 +93,61 @@ def _output_dir(out: str) -> Path:
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {path} is a file, not a directory")
-    if path.is_dir() and any(path.iterdir()):
-        raise ConfigError(f"--out {path} is not empty; choose a new directory")
+    if path.is_dir() and any(path.iterdir()) and not (path / EvalCheckpoint.FILE).is_file():
+        raise ConfigError(f"--out {path} is not empty and holds no actlab evaluation; choose a new directory")
     return path
+
+
+def evaluation_fingerprint(lm: Any, specs: list[TaskSpec], limit: int | None, recipe_paths: list[str],
+                           columns: list[Column]) -> dict[str, Any]:
+    """What an evaluation's results depend on: the model, --limit, the tasks and every recipe file's bytes."""
+    def file_sha(path: str) -> str:
+        digest = hashlib.sha256(Path(path).read_bytes())
+        sidecar = Path(f"{path}.safetensors")
+        if sidecar.is_file():
+            digest.update(sidecar.read_bytes())
+        return digest.hexdigest()
+
+    return {"model": {"config": lm.identity.config_sha256, "weights": lm.identity.weights_sha256},
+            "limit": limit,
+            "tasks": [{"task": s.task, "version": s.version, "output_type": s.output_type} for s in specs],
+            "columns": [{"name": c.name, "recipe": file_sha(p)} for c, p in zip(columns[1:], recipe_paths)]}
+
+
+class EvalCheckpoint:
+    """An evaluation's `--out` directory as it fills: every finished (column, task) is written at once (its
+    per-item records and `eval-state.json`), so an interrupted `actlab eval` run again with the same arguments
+    continues where it stopped; other arguments into the same directory are refused, naming what differs."""
+
+    FILE = "eval-state.json"
+
+    def __init__(self, out: Path, fingerprint: dict[str, Any]):
+        self.out, self.fingerprint = out, fingerprint
+        self.state: dict[str, Any] = {"fingerprint": fingerprint, "done": {}, "measured": {}}
+
+    def restore(self, columns: list[Column], log: Callable[[str], None]) -> None:
+        path = self.out / self.FILE
+        if not path.is_file():
+            return
+        saved = json.loads(path.read_text())
+        for key in ("model", "limit", "tasks", "columns"):
+            if saved["fingerprint"].get(key) != self.fingerprint[key]:
+                raise ConfigError(f"--out {self.out} holds an evaluation with other {key} "
+                                  f"({'recipe files' if key == 'columns' else key} differ); choose a new directory")
+        self.state = saved
+        by_name = {c.name: c for c in columns}
+        kept = 0
+        for name, tasks in saved["done"].items():
+            for task, entry in tasks.items():
+                lines = (self.out / "items" / name / f"{task}.jsonl").read_text().splitlines()
+                by_name[name].results[task] = TaskResult.from_saved(entry, [json.loads(line) for line in lines])
+                kept += 1
+            by_name[name].measured = saved["measured"].get(name, {})
+        log(f"resuming the evaluation in {self.out}: {kept} (column, task) results kept")
+
+    def save(self, column: Column, result: TaskResult) -> None:
+        lines = "".join(json.dumps(r) + "\n" for r in result.records)
+        atomic_write_text(self.out / "items" / column.name / f"{result.task}.jsonl", lines)
+        self.state["done"].setdefault(column.name, {})[result.task] = result.to_dict()
+        self.state["measured"][column.name] = column.measured
+        atomic_write_json(self.out / self.FILE, self.state)

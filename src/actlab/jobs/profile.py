@@ -215,14 +215,15 @@ def _profile_into(run, previous, model, data, tokens, seq_len, options, overwrit
 
 
 def finish(run: RunDirectory, profiler: Profiler, manifest: dict[str, Any]) -> None:
-    """Write tables and report, then - last - mark the run complete."""
+    """Write the tables, mark the run complete (its statistics are), then render the report from them (should
+    that fail, `actlab report` renders it again without re-running anything)."""
     from actlab.report.html import render_report
 
     tables = profiler.tables()
     run.write_tables(tables)
     finished = {**manifest, "status": "complete", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    run.write_report(render_report(finished, tables))
     run.write_manifest(finished)
+    run.write_report(render_report(finished, tables))
 
 
 def rerender(path: str | Path) -> Path:

@@ -10,7 +10,7 @@ import jinja2
 import pandas as pd
 
 from actlab.analyze.findings import findings
-from actlab.report.plots import FIGURES
+from actlab.report.plots import FIGURES, missing
 
 MASSIVE_ROWS = 20
 SINK_ROWS = 10
@@ -24,9 +24,9 @@ def _environment() -> jinja2.Environment:
 def render_report(manifest: dict[str, Any], tables: dict[str, pd.DataFrame]) -> str:
     figures = []
     for key, (title, draw, needs) in FIGURES.items():
-        available = all(n in tables and len(tables[n]) for n in needs)
-        png = base64.b64encode(draw(tables)).decode() if available else None
-        figures.append({"key": key, "title": title, "png": png, "needs": ", ".join(needs)})
+        lacking = missing(tables, needs)
+        png = None if lacking else base64.b64encode(draw(tables)).decode()
+        figures.append({"key": key, "title": title, "png": png, "needs": ", ".join(lacking)})
     top = tables.get("top_activations", pd.DataFrame())
     massive_rows = top.sort_values("value", ascending=False).head(MASSIVE_ROWS).to_dict("records") if len(top) else []
     sinks = tables.get("sink_tokens", pd.DataFrame())

@@ -128,11 +128,23 @@ def logit_lens(t: dict[str, pd.DataFrame]) -> bytes:
     return _png(fig)
 
 
+# figure key -> (title, drawing function, what it needs: a table, or "table.column" for one of its columns)
 FIGURES: dict[str, tuple[str, Callable[[dict[str, pd.DataFrame]], bytes], tuple[str, ...]]] = {
     "sparsity": ("Activation sparsity vs eps, per layer", sparsity_vs_eps, ("sparsity",)),
     "neurons": ("MLP neuron activation frequency", neuron_frequency, ("neurons",)),
-    "massive": ("Massive activations", massive_activations, ("layers",)),
+    "massive": ("Massive activations", massive_activations, ("layers.resid_max_abs", "layers.resid_median_abs")),
     "sinks": ("Attention sinks and entropy (layer x head)", attention_sinks, ("heads",)),
-    "redundancy": ("Layer redundancy", layer_redundancy, ("layers",)),
-    "lens": ("Logit lens and depth profile", logit_lens, ("layers",)),
+    "redundancy": ("Layer redundancy", layer_redundancy, ("layers.block_influence",)),
+    "lens": ("Logit lens and depth profile", logit_lens, ("layers.hidden_rms", "layers.delta_ratio_mean")),
 }
+
+
+def missing(tables: dict[str, pd.DataFrame], needs: tuple[str, ...]) -> list[str]:
+    """What of `needs` the tables lack (a run of some sites only has some tables and columns)."""
+    out = []
+    for need in needs:
+        table, _, column = need.partition(".")
+        frame = tables.get(table)
+        if frame is None or not len(frame) or (column and (column not in frame or frame[column].isna().all())):
+            out.append(need)
+    return out

@@ -8,7 +8,8 @@
     .lock                held while a process writes the run
 
 Status is `running` while a process works (with its pid), `partial` after an interruption, `complete`
-only once the tables and the report are written. A `running` run whose process is gone is partial.
+once the tables are written (the report is rendered from them next; `actlab report` renders it again). A
+`running` run whose process is gone is partial.
 """
 
 from __future__ import annotations

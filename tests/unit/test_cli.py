@@ -1,0 +1,49 @@
+"""The command line's surface: --version, --json on the run commands, flags shown as flags, an example in
+every command's help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+COMMANDS = ("models", "ppl", "profile", "report", "merge", "sparsify", "eval", "compose", "layers", "export",
+            "sparsity-at-ppl", "bench decode")
+
+
+def _actlab(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "actlab.cli", *args], capture_output=True, text=True)
+
+
+def test_version_answers_without_loading_anything():
+    from actlab import __version__
+
+    out = _actlab("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"actlab {__version__}" and out.stderr == ""
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_help_has_an_example_and_shows_flags_as_flags(command):
+    out = _actlab(*command.split(), "--help")
+    assert out.returncode == 0, out.stderr
+    assert "Examples:" in out.stdout and f"actlab {command}" in out.stdout
+    assert "<bool>" not in out.stdout and "--no-" not in out.stdout
+
+
+def test_profile_merge_and_report_print_json(tmp_path):
+    runs = []
+    for name, data in (("a", "python-docs"), ("b", "wikitext2:valid")):
+        out = _actlab("profile", "--model", "tiny-llama", "--data", data, "--tokens", "128", "--seq-len", "64",
+                      "--out", str(tmp_path / name), "--json")
+        assert out.returncode == 0, out.stderr[-2000:]
+        summary = json.loads(out.stdout)
+        assert summary["status"] == "complete" and summary["tokens"] == 128 and "layers" in summary["tables"]
+        runs.append(summary["run"])
+    merged = _actlab("merge", *runs, "--out", str(tmp_path / "ab"), "--json")
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    summary = json.loads(merged.stdout)
+    assert summary["merged"] == runs and summary["tokens"] == 256
+    report = _actlab("report", str(tmp_path / "ab"), "--json")
+    assert report.returncode == 0 and json.loads(report.stdout)["report"].endswith("report.html")
