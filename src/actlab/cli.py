@@ -108,7 +108,9 @@ def ppl_cmd(
     seq_len: SeqLenOpt = 1024,
     windows: Annotated[int | None, typer.Option(min=1, help="number of windows (default: all)")] = None,
     offset: Annotated[int, typer.Option(min=0, help="first token of the first window")] = 0,
-    bos: Annotated[str, typer.Option(help="tokenizer | every | none")] = "tokenizer",
+    bos: Annotated[str, typer.Option(help="how windows start: tokenizer (as the tokenizer encodes the whole text: "
+                                          "BOS, if any, only first), every (BOS first in each window) or none")]
+    = "tokenizer",
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="windows per forward (auto)")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -151,6 +153,9 @@ def profile_cmd(
                                                                 "(default 16)")] = None,
     lens_stride: Annotated[int | None, typer.Option(min=1, help="logit lens reads every n-th position "
                                                                "(default 128)")] = None,
+    bos: Annotated[str | None, typer.Option(help="how windows start: every (BOS first in each window), tokenizer "
+                                                 "(only where the tokenizer puts it: the first window) or none; "
+                                                 "default: every for models whose tokenizer adds BOS (Gemma)")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Profile activations at every site and write tables, raw state and report.html into a run directory.
@@ -166,8 +171,10 @@ def profile_cmd(
 
     out = out or f"runs/{Path(model or DEFAULT_MODEL).name}-{_time.strftime('%Y%m%d-%H%M%S')}"
     options = ProfileOptions(sites=sites, query_stride=query_stride, lens_stride=lens_stride, batch_size=batch_size)
+    if bos is not None and bos not in ("every", "tokenizer", "none"):
+        raise ActlabError(f"--bos must be every, tokenizer or none, got {bos!r}")
     run = profile(model, data, out, tokens=tokens, seq_len=seq_len, options=options, resume=resume,
-                  overwrite=overwrite, log=_log)
+                  overwrite=overwrite, log=_log, bos=bos)
     manifest = run.manifest()
     _emit(_run_summary(run), as_json, f"{manifest['status']}: {manifest.get('tokens_done')} tokens, "
                                       f"{len(manifest['sites'])} sites -> {run.path / 'report.html'}")

@@ -50,11 +50,10 @@ def test_truncated_safetensors_in_directory(tmp_path, tiny_llama):
 
 
 def test_unsupported_architecture_directory(tmp_path):
-    from transformers import GPTNeoXConfig
+    from transformers import BloomConfig
 
-    GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                  vocab_size=50).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedArchitectureError, match=r"'gpt_neox' is not supported.*gemma3_text"):
+    BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=50).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedArchitectureError, match=r"'bloom' is not supported.*gemma3_text"):
         actlab.load_model(str(tmp_path))
 
 

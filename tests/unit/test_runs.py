@@ -71,6 +71,23 @@ def test_a_run_of_some_sites_completes_and_its_report_says_what_was_not_collecte
     assert rerender(tmp_path / "ffn").is_file()
 
 
+def test_windows_start_the_way_the_model_expects_unless_told(tmp_path, tiny_llama):
+    """The tiny models' tokenizer puts BOS first (like Gemma's): by default every window starts with it, so the
+    first-token (sink) statistics see BOS in every window; --bos tokenizer keeps it in the first window only."""
+    from actlab.data import WindowSpec, load_corpus, make_windows
+
+    run = profile("tiny-llama", None, tmp_path / "a", tokens=128, lm=tiny_llama, **KW)
+    assert run.manifest()["protocol"]["bos"] == "every"
+    windows = make_windows(tiny_llama.tokenizer, load_corpus(None, role="all"),
+                           WindowSpec.for_tokens(128, 64, bos="every"))
+    assert (windows[:, 0] == tiny_llama.tokenizer.bos_token_id).all()
+    assert "BOS first in every window" in (tmp_path / "a" / "report.html").read_text()
+    other = profile("tiny-llama", None, tmp_path / "b", tokens=128, lm=tiny_llama, bos="tokenizer", **KW)
+    assert other.manifest()["protocol"]["bos"] == "tokenizer"
+    with pytest.raises(RunDirectoryError, match="--bos every"):
+        profile("tiny-llama", None, tmp_path / "b", tokens=256, lm=tiny_llama, bos="every", resume=True, **KW)
+
+
 def test_second_run_into_same_directory_is_refused(tmp_path, tiny_llama):
     profile("tiny-llama", None, tmp_path / "r", tokens=128, lm=tiny_llama, **KW)
     with pytest.raises(RunDirectoryError, match="already holds a run"):
@@ -181,7 +198,8 @@ def test_merge_of_two_corpora_equals_one_pass(tmp_path, tiny_llama):
 
     ref = OPTS.profiler(tiny_llama)
     for path, offset in ((first, 0), (second, 4)):
-        w = make_windows(tiny_llama.tokenizer, load_corpus(str(path)), WindowSpec(seq_len=64, num_windows=4))
+        w = make_windows(tiny_llama.tokenizer, load_corpus(str(path)), WindowSpec(seq_len=64, num_windows=4,
+                                                                                  bos="every"))
         ref.observe(w, first_window_index=offset, progress=False)
     merged_state = _state(tmp_path / "AB")[0]
     ref_state = ref.state()

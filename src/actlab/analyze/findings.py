@@ -20,6 +20,11 @@ class Finding:
     text: str
 
 
+def _layers(layers: list[int]) -> str:
+    """'layer 25' or 'layers 3-5, 9'."""
+    return f"layer {layers[0]}" if len(layers) == 1 else f"layers {_ranges(layers)}"
+
+
 def _ranges(layers: list[int]) -> str:
     """[3, 4, 5, 9] -> '3-5, 9'."""
     out, start, prev = [], None, None
@@ -43,23 +48,30 @@ def layer_findings(layers: pd.DataFrame) -> list[Finding]:
     bi = layers.dropna(subset=["block_influence"])
     low = bi[bi["block_influence"] < BI_DROP]["layer"].tolist()
     if low:
-        out.append(Finding("layers", f"layers {_ranges(low)} have Block Influence < {BI_DROP}: candidates for "
-                                     "dropping (ShortGPT)"))
+        verb = "has" if len(low) == 1 else "have"
+        out.append(Finding("layers", f"{_layers(low)} {verb} Block Influence < {BI_DROP}: candidates for dropping "
+                                     "(ShortGPT)"))
     lowest = bi.nsmallest(min(3, len(bi)), "block_influence")
     out.append(Finding("layers", "lowest Block Influence: " + ", ".join(
         f"layer {int(r.layer)} ({r.block_influence:.3f})" for r in lowest.itertuples())))
     if "cos_attn" in layers:
         quiet = layers[layers["cos_attn"] > ATTN_REDUNDANT_COS]["layer"].tolist()
         if quiet:
-            out.append(Finding("layers", f"attention sublayers of layers {_ranges(quiet)} change the residual "
+            out.append(Finding("layers", f"attention sublayers of {_layers(quiet)} change the residual "
                                          f"direction by less than cos {ATTN_REDUNDANT_COS}: attention-drop candidates"))
     if "logit_lens_loss" in layers and layers["logit_lens_loss"].notna().any():
         lens = layers.dropna(subset=["logit_lens_loss"])
         final = float(lens["logit_lens_loss"].iloc[-1])
         close = lens[lens["logit_lens_loss"] <= final * 1.1]
-        first = int(close["layer"].iloc[0])
-        out.append(Finding("logit lens", f"the logit lens comes within 10% of the final loss ({final:.2f} nats) at "
-                                         f"layer {first} of {len(layers)}"))
+        first, last = int(close["layer"].iloc[0]), int(lens["layer"].iloc[-1])
+        if first == last:  # the last layer's lens is the final loss itself: say what that means
+            text = (f"the logit lens comes within 10% of the final loss ({final:.2f} nats) only at the last layer: "
+                    "the prediction forms at the very end")
+        else:
+            later = f"layer {last} refines" if last == first + 1 else f"layers {first + 1}-{last} refine"
+            text = (f"the logit lens comes within 10% of the final loss ({final:.2f} nats) at layer {first} "
+                    f"(layers 0-{last}); {later} it")
+        out.append(Finding("logit lens", text))
     return out
 
 
@@ -77,7 +89,7 @@ def massive_findings(layers: pd.DataFrame, top: pd.DataFrame) -> list[Finding]:
     tokens = big["token"].value_counts().head(3).index.tolist()
     positions = big["position"].value_counts().head(3).index.tolist()
     return [Finding("massive activations",
-                    f"massive activations in layers {_ranges(massive['layer'].astype(int).tolist())}: up to "
+                    f"massive activations in {_layers(massive['layer'].astype(int).tolist())}: up to "
                     f"{peak['resid_max_abs']:.0f} ({peak['resid_max_over_median']:.0f}x the median |x|) at layer "
                     f"{int(peak['layer'])}; channels {channels}, tokens {tokens}, positions {positions}")]
 

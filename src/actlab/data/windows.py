@@ -99,3 +99,13 @@ def make_windows(tokenizer: Any, corpus: Corpus, spec: WindowSpec, max_context: 
             raise ConfigError("bos='every' needs a tokenizer with a BOS token")
         windows = torch.cat([torch.full((count, 1), bos, dtype=torch.long), windows], dim=1)
     return windows
+
+
+def model_bos(tokenizer: Any) -> BosMode:
+    """The window start a model expects: "every" (each window opens with BOS) when its tokenizer puts BOS at the
+    start of a text, as Gemma's and Llama-2's do; "tokenizer" otherwise (SmolLM2 adds none)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return "tokenizer"
+    ids = tokenizer("a", verbose=False)["input_ids"]
+    return "every" if ids[:1] == [bos] else "tokenizer"

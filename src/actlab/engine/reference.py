@@ -29,9 +29,28 @@ class FirstStepClock:
 
 
 def hf_generate(lm, ids: list[int], tokens: int, clock: FirstStepClock | None = None) -> list[int]:
+    """`tokens` greedy tokens after `ids` from the HF model. Timed (`clock`): HF `generate` itself, the baseline a
+    user would run. Otherwise the model's own forward with its KV cache, one token at a time: `generate` would
+    stop at EOS, or with min_new_tokens suppress it, where the engine (like llama.cpp) just takes the argmax."""
+    if clock is None:
+        return greedy_reference(lm, ids, tokens)
     from transformers import LogitsProcessorList
 
     out = lm.model.generate(torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                             pad_token_id=lm.tokenizer.pad_token_id or 0,
-                            logits_processor=LogitsProcessorList([clock] if clock else []))
+                            logits_processor=LogitsProcessorList([clock]))
     return out[0, len(ids):].tolist()
+
+
+@torch.no_grad()
+def greedy_reference(lm, ids: list[int], tokens: int) -> list[int]:
+    """Greedy decoding through the model's forward and KV cache (no generate machinery, no EOS handling)."""
+    from actlab.models.compat import output_cache, with_cache
+
+    out = lm.model(input_ids=torch.tensor([ids], device=lm.device), use_cache=True)
+    new = [int(out.logits[0, -1].argmax())]
+    for _ in range(tokens - 1):
+        out = lm.model(input_ids=torch.tensor([[new[-1]]], device=lm.device),
+                       **with_cache(lm.model, output_cache(out)), use_cache=True)
+        new.append(int(out.logits[0, -1].argmax()))
+    return new

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from actlab.data import WindowSpec, load_corpus, make_windows
+from actlab.data.windows import model_bos
 from actlab.errors import ConfigError, RunDirectoryError
 from actlab.models import DEFAULT_MODEL, LoadedModel, ModelIdentity, load_model
 from actlab.probe.profiler import DEFAULT_LENS_STRIDE, DEFAULT_QUERY_STRIDE, Profiler
@@ -103,9 +104,11 @@ def _sigterm_as_interrupt():
 def profile(model: str | None, data: str | None, out: str | Path, *, tokens: int = DEFAULT_TOKENS,
             seq_len: int | None = None, options: ProfileOptions | None = None, resume: bool = False,
             overwrite: bool = False, progress: bool = True, log: Callable[[str], None] = print,
-            lm: LoadedModel | None = None) -> RunDirectory:
+            lm: LoadedModel | None = None, bos: str | None = None) -> RunDirectory:
     """Profile `model` on `data` into the run directory `out`; see README "Profile". Options left None take the
-    defaults; with `resume`, the run's stored values, and a given value that differs is refused."""
+    defaults; with `resume`, the run's stored values, and a given value that differs is refused. `bos` (see
+    WindowSpec) defaults to what the model expects: every window starts with BOS when its tokenizer puts one at
+    the start of a text (Gemma), so that first-token statistics (attention sinks) mean the same in every window."""
     options = options or ProfileOptions()
     if seq_len is not None and seq_len < 2:
         raise ConfigError(f"--seq-len must be at least 2, got {seq_len}")
@@ -125,19 +128,22 @@ def profile(model: str | None, data: str | None, out: str | Path, *, tokens: int
         conflicts = options.conflicts(previous["options"])
         if seq_len is not None and seq_len != previous["protocol"]["seq_len"]:
             conflicts.append(f"--seq-len {seq_len} (the run has {previous['protocol']['seq_len']})")
+        if bos is not None and bos != previous["protocol"].get("bos", "tokenizer"):
+            conflicts.append(f"--bos {bos} (the run has {previous['protocol'].get('bos', 'tokenizer')})")
         if conflicts:
             raise RunDirectoryError(f"{run.path} was profiled with other options: {'; '.join(conflicts)}. Resume "
                                     "without them (the run's are used), or profile into a new --out")
     created = not run.path.exists()
     try:
-        return _profile_into(run, previous, model, data, tokens, seq_len, options, overwrite, progress, log, lm)
+        return _profile_into(run, previous, model, data, tokens, seq_len, options, overwrite, progress, log, lm,
+                             bos)
     except BaseException:
         if created and run.path.is_dir() and not any(run.path.iterdir()):
             run.path.rmdir()  # a refused or failed start leaves no empty --out behind
         raise
 
 
-def _profile_into(run, previous, model, data, tokens, seq_len, options, overwrite, progress, log, lm):
+def _profile_into(run, previous, model, data, tokens, seq_len, options, overwrite, progress, log, lm, bos):
     with run.locked():
         if overwrite and run.exists():
             for child in run.path.iterdir():
@@ -149,13 +155,14 @@ def _profile_into(run, previous, model, data, tokens, seq_len, options, overwrit
             model = model if model is not None else stored_spec
             data = data if data is not None else _stored_corpus(previous)
             seq_len = previous["protocol"]["seq_len"]
+            bos = previous["protocol"].get("bos", "tokenizer")
         options = options.resolved(previous["options"] if previous is not None else None)
         model = model or DEFAULT_MODEL
         lm = lm if lm is not None and lm.name == model else load_model(model, log_fn=log)
         _require_identity(lm, recorded, str(run.path), "resume with the same --model (or none), or profile into a "
                           "new --out")
         corpus = load_corpus(data, role="all")
-        spec = WindowSpec.for_tokens(tokens, seq_len or DEFAULT_SEQ_LEN)
+        spec = WindowSpec.for_tokens(tokens, seq_len or DEFAULT_SEQ_LEN, bos=bos or model_bos(lm.tokenizer))
         windows = make_windows(lm.tokenizer, corpus, spec, lm.max_context)
         profiler = options.profiler(lm)
         manifest = {

@@ -17,11 +17,22 @@ SINK_ROWS = 10
 
 
 def _environment() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.PackageLoader("actlab.report", "templates"),
-                              autoescape=jinja2.select_autoescape(["html"]))
+    env = jinja2.Environment(loader=jinja2.PackageLoader("actlab.report", "templates"),
+                             autoescape=jinja2.select_autoescape(["html"]))
+    env.filters["token"] = show_token
+    return env
+
+
+def show_token(token: Any) -> str:
+    """A token as a quoted string with its whitespace visible ("\n", " the"), to be HTML-escaped by the template
+    (Jinja's tojson would print <bos> as \u003cbos\u003e)."""
+    return json.dumps(str(token), ensure_ascii=False)
 
 
 def render_report(manifest: dict[str, Any], tables: dict[str, pd.DataFrame]) -> str:
+    architecture = manifest.get("model", {}).get("architecture")
+    if architecture:  # what figures need of the model itself (the logit lens's uniform-loss line: vocab_size)
+        tables = {**tables, "model": pd.DataFrame([architecture])}
     figures = []
     for key, (title, draw, needs) in FIGURES.items():
         lacking = missing(tables, needs)
@@ -37,6 +48,8 @@ def render_report(manifest: dict[str, Any], tables: dict[str, pd.DataFrame]) -> 
         tokens=manifest.get("tokens_done", "?"),
         windows=manifest.get("windows_done", "?"),
         seq_len=protocol.get("seq_len", "?"),
+        bos={"every": "BOS first in every window", "tokenizer": "as tokenized (BOS only where the tokenizer puts it)",
+             "none": "no BOS"}.get(protocol.get("bos", "tokenizer"), "?"),
         num_sites=len(manifest.get("sites", [])),
         status=manifest.get("status", "?"),
         versions=manifest.get("versions", {}),

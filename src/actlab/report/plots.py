@@ -22,6 +22,14 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _layer_axis(ax) -> None:
+    """Layers are whole numbers: integer ticks only (Gemma's 18 layers otherwise get 2.5, 7.5, ...)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+
+
 def _depth_colors(n: int):
     return plt.cm.viridis(np.linspace(0, 0.95, max(n, 1)))
 
@@ -58,7 +66,8 @@ def neuron_frequency(t: dict[str, pd.DataFrame]) -> bytes:
     per = n.groupby("layer")[["dead", "always_on"]].sum()
     b.bar(per.index - 0.2, per["dead"], width=0.4, label="dead", color="#c44e52")
     b.bar(per.index + 0.2, per["always_on"], width=0.4, label="always on", color="#55a868")
-    b.set_xlabel("layer")
+    _layer_axis(b)
+    b.set_ylabel("neurons")
     b.set_title("dead / always-on neurons per layer")
     b.legend()
     return _png(fig)
@@ -70,7 +79,8 @@ def massive_activations(t: dict[str, pd.DataFrame]) -> bytes:
     ax.plot(layers["layer"], layers["resid_max_abs"], "o-", label="max |x|", color="#c44e52")
     ax.plot(layers["layer"], layers["resid_median_abs"], "o-", label="median |x|", color="#4c72b0")
     ax.set_yscale("log")
-    ax.set_xlabel("layer")
+    _layer_axis(ax)
+    ax.set_ylabel("|x| (log)")
     ax.set_title("residual stream magnitude (block output)")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -82,9 +92,10 @@ def attention_sinks(t: dict[str, pd.DataFrame]) -> bytes:
     mass = h.pivot(index="layer", columns="head", values="first_token_mass")
     ent = h.pivot(index="layer", columns="head", values="entropy")
     fig, axes = plt.subplots(1, 2, figsize=(11, max(3.0, 0.22 * len(mass) + 1.2)))
-    for ax, m, title, cmap in ((axes[0], mass, "attention mass on first token", "magma"),
-                               (axes[1], ent, "attention entropy (nats)", "viridis")):
-        im = ax.imshow(m.values, aspect="auto", cmap=cmap, origin="lower")
+    for ax, m, title, cmap, scale in ((axes[0], mass, "attention mass on first token", "magma", (0.0, 1.0)),
+                                      (axes[1], ent, "attention entropy (nats)", "viridis", (None, None))):
+        # the mass on a fixed 0-1 scale, so that two models' heatmaps compare by eye
+        im = ax.imshow(m.values, aspect="auto", cmap=cmap, origin="lower", vmin=scale[0], vmax=scale[1])
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
         ax.set_title(title)
@@ -99,8 +110,12 @@ def layer_redundancy(t: dict[str, pd.DataFrame]) -> bytes:
     ax.bar(x - 0.27, layers["block_influence"], width=0.27, label="block influence (1 - cos in/out)")
     ax.bar(x, 1 - layers["cos_attn"], width=0.27, label="1 - cos(x, x+attn)")
     ax.bar(x + 0.27, 1 - layers["cos_mlp"], width=0.27, label="1 - cos(x, x+mlp)")
+    from actlab.analyze.findings import BI_DROP
+
+    ax.axhline(BI_DROP, color="#c44e52", lw=1, ls=":", label=f"drop candidate below {BI_DROP}")
     ax.set_yscale("log")
-    ax.set_xlabel("layer")
+    _layer_axis(ax)
+    ax.set_ylabel("1 - cosine (log)")
     ax.set_title("layer and sublayer redundancy (lower = more redundant)")
     ax.legend(fontsize=8)
     return _png(fig)
@@ -111,17 +126,27 @@ def logit_lens(t: dict[str, pd.DataFrame]) -> bytes:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.4))
     if "logit_lens_loss" in layers:
         a.plot(layers["layer"], layers["logit_lens_loss"], "o-")
+        lens = layers["logit_lens_loss"].dropna()
+        if len(lens):
+            a.axhline(float(lens.iloc[-1]), color="#55a868", lw=1, ls=":", label="final loss")
+        model = t.get("model")  # the architecture row the report adds (vocab_size)
+        if model is not None and "vocab_size" in model and len(model):
+            a.axhline(float(np.log(model["vocab_size"].iloc[0])), color="#c44e52", lw=1, ls=":",
+                      label="uniform ln|V|")
+        a.legend(fontsize=8)
     else:
         a.text(0.5, 0.5, "logit lens not collected", ha="center", va="center", transform=a.transAxes)
-    a.set_xlabel("layer")
+    _layer_axis(a)
     a.set_ylabel("next-token loss (nats)")
     a.set_title("logit lens")
     a.grid(alpha=0.3)
     b.plot(layers["layer"], layers["hidden_rms"], "o-", label="hidden RMS")
-    b.set_xlabel("layer")
+    _layer_axis(b)
     b.set_yscale("log")
+    b.set_ylabel("hidden RMS (log)")
     b2 = b.twinx()
     b2.plot(layers["layer"], layers["delta_ratio_mean"], "s--", color="#c44e52", label="||dh|| / ||h||")
+    b2.set_ylabel("relative update ||dh|| / ||h||")
     b.set_title("depth profile: hidden RMS and relative update")
     b.legend(loc="upper left")
     b2.legend(loc="upper right")
