@@ -171,13 +171,11 @@ def profile_cmd(
 
     out = out or f"runs/{Path(model or DEFAULT_MODEL).name}-{_time.strftime('%Y%m%d-%H%M%S')}"
     options = ProfileOptions(sites=sites, query_stride=query_stride, lens_stride=lens_stride, batch_size=batch_size)
-    if bos is not None and bos not in ("every", "tokenizer", "none"):
-        raise ActlabError(f"--bos must be every, tokenizer or none, got {bos!r}")
     run = profile(model, data, out, tokens=tokens, seq_len=seq_len, options=options, resume=resume,
                   overwrite=overwrite, log=_log, bos=bos)
-    manifest = run.manifest()
-    _emit(_run_summary(run), as_json, f"{manifest['status']}: {manifest.get('tokens_done')} tokens, "
-                                      f"{len(manifest['sites'])} sites -> {run.path / 'report.html'}")
+    summary = _run_summary(run)
+    _emit(summary, as_json, f"{summary['status']}: {summary['tokens']} tokens, {summary['sites']} sites -> "
+                            f"{summary['report']}")
 
 
 def _run_summary(run) -> dict:

@@ -114,6 +114,8 @@ def profile(model: str | None, data: str | None, out: str | Path, *, tokens: int
         raise ConfigError(f"--seq-len must be at least 2, got {seq_len}")
     if tokens < 1:
         raise ConfigError(f"--tokens must be at least 1, got {tokens}")
+    if bos is not None and bos not in ("every", "tokenizer", "none"):  # before the model loads
+        raise ConfigError(f"--bos must be every, tokenizer or none, got {bos!r}")
     run = RunDirectory(Path(out).expanduser())
     if run.path.exists() and not run.path.is_dir():
         raise RunDirectoryError(f"--out {run.path} is a file, not a run directory")
