@@ -344,21 +344,78 @@ def compose_cmd(
 
 @app.command("layers")
 def layers_cmd(
-    remove: Annotated[str, typer.Option(help="blocks and sublayers to remove, e.g. 'L20,L21.attn,L3.mlp'")],
-    save: Annotated[str, typer.Option(help="the layer recipe file (.json or .yaml)")],
     model: ModelOpt = DEFAULT_MODEL,
+    method: Annotated[str | None, typer.Option(help="a layer method, with options after a colon (e.g. "
+                                                    "joint:repair=mean); see --list-methods")] = None,
+    budget: Annotated[float | None, typer.Option(help="fraction of non-embedding parameters to remove, "
+                                                      "in [0, 1)")] = None,
+    remove: Annotated[str | None, typer.Option(help="instead of a method: the blocks and sublayers to remove, e.g. "
+                                                    "'L20,L21.attn,L3.mlp'")] = None,
+    save: Annotated[str | None, typer.Option(help="the layer recipe file (.json or .yaml)")] = None,
+    calib: CalibOpt = None,
+    seq_len: SeqLenOpt = 1024,
+    calib_windows: CalibWindowsOpt = 4,
+    eval_data: EvalDataOpt = None,
+    windows: Annotated[int, typer.Option(min=0, help="held-out windows for dense and removed perplexity "
+                                                     "(0: none)")] = 0,
+    list_methods: Annotated[bool, typer.Option("--list-methods", help="list the methods and exit")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Write a layer recipe that removes whole blocks (L20) or attention / MLP sublayers (L21.attn, L3.mlp): evaluate,
-    compose and export it like any recipe; the decode engine skips what it removes.
+    """Remove whole blocks (L20) or attention / MLP sublayers (L21.attn, L3.mlp), chosen by a method to a parameter
+    budget or named by hand; evaluate, compose and export the recipe like any other; the decode engine skips what
+    it removes.
 
     \b
     Examples:
+      actlab layers --method shortgpt --budget 0.25 --save short25.json
+      actlab layers --method joint --budget 0.25 --eval wikitext2:test --windows 8 --save j25.json
       actlab layers --remove L20,L21.attn --save drop.yaml
+      actlab layers --list-methods
     """
-    from actlab.jobs.export import layers_job
+    if list_methods:
+        _list_layer_methods(as_json)
+        return
+    from actlab.errors import ConfigError
+    from actlab.jobs.layers import layers_job
 
-    recipe = layers_job(model, remove, save, log=_log)
-    print(f"{recipe.describe()} -> {save}")
+    if not save:
+        raise ConfigError("give --save: the layer recipe file to write (.json or .yaml)")
+    name, params = parse_method(method) if method else (None, {})
+    out = layers_job(model, save=save, remove=remove, method=name, budget=budget, params=params, calib=calib,
+                     seq_len=seq_len, calib_windows=calib_windows, eval_data=eval_data, windows=windows, log=_log)
+    lines = [f"{out['recipe']} -> {save}", f"removed {out['removed_fraction']:.1%} of the non-embedding parameters; "
+             f"{out['cost_line']}"]
+    if "calib_loss" in out:
+        lines.append(f"calibration loss {out['calib_loss_dense']:.4f} dense -> {out['calib_loss']:.4f} "
+                     f"on {out['calib_data']}")
+    if "ppl" in out:
+        lines.append(f"ppl {out['dense_ppl']:.3f} dense -> {out['ppl']:.3f} ({out['ppl'] / out['dense_ppl'] - 1:+.1%}) "
+                     f"on {out['eval_data']}")
+    _emit(out, as_json, "\n".join(lines))
+
+
+def _list_layer_methods(as_json: bool) -> None:
+    import inspect
+
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from actlab.transforms.layers import METHODS
+
+    rows = [{"method": name, "removes": cls.removes, "measures_loss": cls.measures_loss,
+             "parameters": {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                            if p.default is not inspect.Parameter.empty},
+             "paper": cls.paper} for name, cls in METHODS.items()]
+    if as_json:
+        print(json.dumps(rows, default=str))
+        return
+    table = Table("method", "removes", "cost", "parameters (default)", "paper")
+    for r in rows:
+        table.add_row(r["method"], r["removes"], "a forward pass per candidate" if r["measures_loss"] else "one pass",
+                      escape(", ".join(f"{k}={v}" for k, v in r["parameters"].items()) or "-"), escape(r["paper"]))
+    Console(width=max(160, Console().width)).print(table)
+    print("parameters go after the name: --method joint:repair=mean;rank=16")
 
 
 @app.command("export")

@@ -20,7 +20,7 @@ from ..conftest import shared_data
 
 ROOT = Path(__file__).resolve().parents[2]
 TAKES_MODEL = {"ppl", "profile", "sparsify", "sparsity-at-ppl", "eval", "export", "bench", "layers"}
-SEQ_LEN = {"ppl", "profile", "sparsify", "sparsity-at-ppl"}
+SEQ_LEN = {"ppl", "profile", "sparsify", "sparsity-at-ppl", "layers"}
 TINY = {"smollm2-135m": "tiny-llama", "gemma3-270m": "tiny-gemma3"}
 
 
@@ -70,6 +70,8 @@ def scaled(command: str) -> list[str]:
         out += ["--tokens", "128"]
     if sub in ("sparsify", "sparsity-at-ppl") and "--list-methods" not in out:
         out += ["--windows", "2", "--calib-windows", "8"] if "--windows" not in out else []
+    if sub == "layers" and "--method" in out:
+        out += ["--calib-windows", "8"]
     if sub == "sparsity-at-ppl":
         out += ["--steps", "2"]
     if sub == "bench":

@@ -191,6 +191,13 @@ def test_every_recipe_column_sees_the_same_items(tiny_llama, tmp_path):
     assert "Δ push" in result.table()
 
 
+def test_column_names_keep_the_budget_in_a_recipe_file_name():
+    from actlab.jobs.eval import column_names
+
+    names = column_names(["a/la-0.5.json", "b/la-0.5.yaml", "drop.L3.yml", "dense.json", "odd.txt"])
+    assert names == ["la-0.5", "la-0.5-2", "drop.L3", "dense-2", "odd.txt"]
+
+
 # -- the built-in tasks on the shared data -----------------------------------------------------------
 
 def test_builtin_tasks_read_the_shared_files():

@@ -54,7 +54,7 @@ class CalibrationSet:
         spec = WindowSpec(seq_len=seq_len, num_windows=windows, offset=offset)
         ids = make_windows(lm.tokenizer, corpus, spec, lm.max_context)
         if ids.numel() < MIN_CALIBRATION_TOKENS:
-            raise ConfigError(f"calibration corpus too small for the histograms: {ids.numel()} tokens, "
+            raise ConfigError(f"calibration corpus too small: {ids.numel()} tokens, "
                               f"need at least {MIN_CALIBRATION_TOKENS}")
         return cls(lm, ids, corpus.describe(), spec.describe(), **kw)
 

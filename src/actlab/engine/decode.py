@@ -22,7 +22,7 @@ from actlab.engine.lm_head import ExactArgmaxHead
 from actlab.engine.plan import EnginePlan
 from actlab.errors import ConfigError
 from actlab.models.compat import output_cache
-from actlab.models.keys import MLP_ROLES, projection_key
+from actlab.models.keys import MLP_ROLES, layer_key, projection_key
 from actlab.models.loader import LoadedModel
 from actlab.transforms.compose import attach
 from actlab.transforms.sparsity.budget import effective_sparsity, projection_params
@@ -37,6 +37,15 @@ def direct(module):
 
 def identity(x):
     return x
+
+
+def _repair_fn(repair):
+    """A removed part's repair as a function of one token's vector, or None."""
+    if repair is None:
+        return None
+    from actlab.transforms.layers.repair import apply_repair
+
+    return lambda x, r=repair: apply_repair(x, r)
 
 
 def rotate_part(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -87,6 +96,10 @@ class EngineLayer:
     slot: int = -1  # this layer's place in the engine's KV cache (-1: its attention was removed)
     attention: bool = True  # False: the attention sublayer was removed (no projections, no KV cache)
     feed_forward: bool = True  # False: the MLP sublayer was removed
+    # repairs of removed parts (transforms/layers/repair.py): x -> what the part's output is replaced by
+    attn_repair: object = None  # of the normed attention input
+    mlp_repair: object = None  # of the normed MLP input
+    block_repair: object = None  # of the block's input (the whole block removed: h + g(h))
 
 
 @dataclass
@@ -126,6 +139,11 @@ class DecodeEngine:
             for layer in ad.layers:
                 i = layer.index
                 if i in plan.skip_blocks:
+                    if layer_key(i) in plan.repairs:
+                        self.layers.append(EngineLayer(index=i, attn_norm=identity, mlp_norm=identity, projections={},
+                                                       mlp=None, scaling=1.0, window=None, attention=False,
+                                                       feed_forward=False,
+                                                       block_repair=_repair_fn(plan.repairs[layer_key(i)])))
                     continue
                 attention, feed_forward = i not in plan.skip_attn, i not in plan.skip_mlp
                 act_rule = rules.get(projection_key(i, "down"))
@@ -158,7 +176,8 @@ class DecodeEngine:
                     mlp_post_norm=fused_norm(layer.mlp_post_norm, d, self.kernels),
                     softcap=getattr(layer.attn, "attn_logit_softcapping", None), rope=rope[i] if rope else None,
                     slot=sum(x.attention for x in self.layers) if attention else -1, attention=attention,
-                    feed_forward=feed_forward))
+                    feed_forward=feed_forward, attn_repair=_repair_fn(plan.repairs.get(f"{layer_key(i)}.attn")),
+                    mlp_repair=_repair_fn(plan.repairs.get(f"{layer_key(i)}.mlp"))))
             self.final_norm = fused_norm(ad.final_norm, ad.hidden_size, self.kernels)
             self.head = ExactArgmaxHead(ad.lm_head.weight, getattr(ad.lm_head, "bias", None), self.kernels)
             self.pos_table = None if ad.pos_embed is None else ad.pos_embed.weight.detach().float()
@@ -239,11 +258,18 @@ class DecodeEngine:
     def step(self, token: int, pos: int) -> int:
         h = self._embed(token, pos)
         for layer in self.layers:
+            if layer.block_repair is not None:
+                h = h + layer.block_repair(h)
+                continue
             x = h  # a parallel residual feeds both sublayers the block's input
             if layer.attention:
                 h = h + self._attention(layer, layer.attn_norm(h), pos)
-            if layer.feed_forward:
-                m = layer.mlp(layer.mlp_norm(x if self.parallel_residual else h))
+            elif layer.attn_repair is not None:
+                a = layer.attn_repair(layer.attn_norm(h))
+                h = h + (a if layer.attn_post_norm is None else layer.attn_post_norm(a))
+            if layer.feed_forward or layer.mlp_repair is not None:
+                u = layer.mlp_norm(x if self.parallel_residual else h)
+                m = layer.mlp(u) if layer.feed_forward else layer.mlp_repair(u)
                 h = h + (m if layer.mlp_post_norm is None else layer.mlp_post_norm(m))
         return self.head.argmax(self.final_norm(h))
 

@@ -1,8 +1,8 @@
 """Lowering a (composed) recipe to what the decode engine does per layer and per projection.
 
 The engine runs activation-sparsity rules inside its GEMV kernels (threshold, top-k, relative, statistical),
-output biases, and removed blocks and sublayers (skipped, with their KV cache). Anything else is refused
-with a one-line error naming the recipe, before any weight is laid out.
+output biases, and removed blocks and sublayers (skipped, with their KV cache; a repair in their place).
+Anything else is refused with a one-line error naming the recipe, before any weight is laid out.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ class EnginePlan:
     skip_blocks: set[int] = field(default_factory=set)
     skip_attn: set[int] = field(default_factory=set)
     skip_mlp: set[int] = field(default_factory=set)
+    repairs: dict[str, dict[str, Any]] = field(default_factory=dict)  # removed part ("L3", "L3.attn") -> repair
     sparsity: list[SparsityRecipe] = field(default_factory=list)
 
     @classmethod
@@ -44,6 +45,7 @@ class EnginePlan:
                 plan.bias.update(part.bias)
                 plan.sparsity.append(part)
             elif isinstance(part, LayerRecipe):
+                plan.repairs.update(part.repair)
                 plan.skip_blocks.update(part.blocks())
                 for i, sub in part.sublayers():
                     (plan.skip_attn if sub == "attn" else plan.skip_mlp).add(i)

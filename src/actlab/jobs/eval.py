@@ -15,6 +15,7 @@ from actlab.fsutil import atomic_write_json, atomic_write_text
 from actlab.jobs import setup
 from actlab.transforms import load_recipe
 
+RECIPE_SUFFIXES = (".json", ".yaml", ".yml")
 DEFAULT_TASKS = "wikitext2,lambada,arc_easy,arc_challenge,piqa,hellaswag"
 
 
@@ -30,10 +31,12 @@ def parse_tasks(tasks: str) -> list[TaskSpec]:
 
 
 def column_names(paths: list[str]) -> list[str]:
-    """A short unique column name per recipe file (its file name without suffix)."""
+    """A short unique column name per recipe file: its file name without the recipe suffix (a budget such as
+    `-0.5` in the name stays)."""
     names = []
     for p in paths:
-        stem = Path(p).name.split(".")[0] or p
+        path = Path(p)
+        stem = path.stem if path.suffix.lower() in RECIPE_SUFFIXES else path.name
         name, k = stem, 2
         while name in names or name == DENSE:
             name, k = f"{stem}-{k}", k + 1

@@ -39,17 +39,3 @@ def compose_job(paths: list[str], out: str, model: str | None = None,
         validate(composed, setup.model(model, log))
     composed.save(out)
     return composed
-
-
-def layers_job(model: str, remove: str, out: str, log: Callable[[str], None] = print) -> Recipe:
-    """A layer recipe removing the named blocks and sublayers of `model` (checked against it), saved to `out`."""
-    from actlab.transforms.layers import LayerRecipe
-
-    parts = [p.strip() for p in remove.split(",") if p.strip()]
-    if not parts:
-        raise ConfigError("--remove names no part (e.g. --remove L20,L21.attn)")
-    lm = setup.model(model, log)
-    recipe = LayerRecipe("manual", lm.identity.to_dict(), parts)
-    validate(recipe, lm)
-    recipe.save(out)
-    return recipe

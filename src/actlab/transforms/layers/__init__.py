@@ -1,5 +1,28 @@
-"""Layer removal: whole blocks and attention / MLP sublayers (the recipe; methods arrive with their issue)."""
+"""Layer removal: whole blocks and attention / MLP sublayers, one file per method behind `LayerMethod`."""
 
+from __future__ import annotations
+
+from actlab.errors import ConfigError
+from actlab.transforms.layers.base import LayerMethod
+from actlab.transforms.layers.gromov import Gromov
+from actlab.transforms.layers.importance import check_budget, removed_fraction
+from actlab.transforms.layers.joint import Joint
+from actlab.transforms.layers.llm_drop import AttentionDrop, MLPDrop
 from actlab.transforms.layers.recipe import LayerRecipe, remove_blocks
+from actlab.transforms.layers.shortgpt import ShortGPT
+from actlab.transforms.layers.sleb import SLEB
 
-__all__ = ["LayerRecipe", "remove_blocks"]
+METHODS: dict[str, type[LayerMethod]] = {cls.name: cls for cls in (ShortGPT, Gromov, SLEB, AttentionDrop, MLPDrop,
+                                                                  Joint)}
+
+
+def get_method(name: str, **params) -> LayerMethod:
+    if name not in METHODS:
+        raise ConfigError(f"unknown layer method {name!r}; methods: {', '.join(METHODS)}")
+    try:
+        return METHODS[name](**params)
+    except TypeError as exc:
+        raise ConfigError(f"bad parameters for {name}: {exc}") from exc
+
+
+__all__ = ["METHODS", "LayerMethod", "LayerRecipe", "check_budget", "get_method", "remove_blocks", "removed_fraction"]

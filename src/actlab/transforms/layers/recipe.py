@@ -21,10 +21,12 @@ from actlab.errors import ConfigError
 from actlab.models.keys import layer_key, layer_of, projection_key, projection_site, site_key
 from actlab.probe.edit import Edit, Editor, zero
 from actlab.transforms.base import Claim, Recipe, register_recipe
+from actlab.transforms.layers.repair import TENSORS, apply_repair, repair_params
 
 PART = re.compile(r"^L(\d+)(?:\.(attn|mlp))?$")
 ATTENTION_ROLES = ("q", "k", "v", "qkv", "o")
 MLP_ROLES = ("gate", "up", "down")
+SUBLAYER_INPUT = {"attn": "attn_in", "mlp": "mlp_in"}  # what a sublayer's repair reads
 
 
 @register_recipe
@@ -36,6 +38,7 @@ class LayerRecipe(Recipe):
     target: float = 0.0  # the fraction of non-embedding parameters the method was asked to remove
     params: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
+    repair: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # part -> repair.py's tensors
     family = "layers"
 
     def __post_init__(self) -> None:
@@ -48,6 +51,13 @@ class LayerRecipe(Recipe):
         inside = [p for p in self.drop if "." in p and p.split(".")[0] in blocks]
         if inside:
             raise ConfigError(f"drop: {inside[0]} is inside a block that is removed as a whole")
+        kept = sorted(set(self.repair) - set(self.drop))
+        if kept:
+            raise ConfigError(f"repair: {kept[0]} is not removed (a repair replaces a removed part)")
+        for part, tensors in self.repair.items():
+            missing = [t for t in TENSORS if not torch.is_tensor(tensors.get(t))]
+            if missing:
+                raise ConfigError(f"repair: {part} lacks the tensor {missing[0]!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,7 +67,8 @@ class LayerRecipe(Recipe):
         return schema.build(cls, d, "layer recipe")
 
     def describe(self) -> str:
-        return f"layers:{self.method}[{','.join(self.drop)}]"
+        mark = lambda p: f"{p}+repair" if p in self.repair else p  # noqa: E731
+        return f"layers:{self.method}[{','.join(mark(p) for p in self.drop)}]"
 
     # -- parts ---------------------------------------------------------------------------------------
     def blocks(self) -> list[int]:
@@ -91,10 +102,16 @@ class LayerRecipe(Recipe):
         for i in self.blocks():
             held: dict[str, torch.Tensor] = {}
             edits.append(Edit(site_key(i, "resid_in"), _remember(held)))
-            edits.append(Edit(site_key(i, "resid_out"), _recall(held)))
+            edits.append(Edit(site_key(i, "resid_out"), _recall(held, self.repair.get(layer_key(i)))))
         for i, part in self.sublayers():
-            role = "o" if part == "attn" else "down"
-            edits.append(Edit(projection_site(projection_key(i, role), "out"), zero()))
+            name = f"{layer_key(i)}.{part}"
+            output = projection_site(projection_key(i, "o" if part == "attn" else "down"), "out")
+            if name in self.repair:
+                held = {}
+                edits.append(Edit(site_key(i, SUBLAYER_INPUT[part]), _remember(held)))
+                edits.append(Edit(output, _replace_by_repair(held, self.repair[name])))
+            else:
+                edits.append(Edit(output, zero()))
         stack.enter_context(Editor(lm, edits))
 
     def claims(self, lm: Any) -> list[Claim]:
@@ -102,8 +119,13 @@ class LayerRecipe(Recipe):
         return [Claim(f"layer:{p}", "drop") for p in self.drop]
 
     def apply_cost(self, ledger: Any, lm: Any) -> None:
+        from actlab.transforms.cost import PartCost
+
         for key in self.removed_projections(lm.adapter):
             ledger.parts[key].present = False
+        bits = next(lm.model.parameters()).element_size() * 8
+        for part, tensors in self.repair.items():
+            ledger.parts[f"{part}.repair"] = PartCost(repair_params(tensors), bits)
         for i in self.blocks():
             ledger.kv[layer_key(i)].present = False
         for i, part in self.sublayers():
@@ -111,7 +133,7 @@ class LayerRecipe(Recipe):
                 ledger.kv[layer_key(i)].present = False
 
     def export_hf(self, lm: Any) -> str:
-        return "weights"
+        return "runtime" if self.repair else "weights"
 
     def changes_structure(self, lm: Any) -> bool:
         return bool(self.blocks())
@@ -142,8 +164,18 @@ def _remember(held: dict[str, torch.Tensor]):
     return op
 
 
-def _recall(held: dict[str, torch.Tensor]):
-    return lambda x, ctx: held.pop("x")
+def _recall(held: dict[str, torch.Tensor], repair: dict[str, torch.Tensor] | None = None):
+    if repair is None:
+        return lambda x, ctx: held.pop("x")
+
+    def op(x, ctx):
+        x_in = held.pop("x")
+        return x_in + apply_repair(x_in, repair)
+    return op
+
+
+def _replace_by_repair(held: dict[str, torch.Tensor], repair: dict[str, torch.Tensor]):
+    return lambda x, ctx: apply_repair(held.pop("x"), repair)
 
 
 def remove_blocks(model: Any, adapter: Any, removed: set[int]) -> None:

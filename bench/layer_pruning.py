@@ -1,0 +1,137 @@
+"""Depth pruning: every layer method at several parameter budgets, evaluated side by side through `actlab eval`,
+with decode speed (the engine) and prefill speed (the HF model with the removed blocks taken out).
+
+    python bench/layer_pruning.py [--models smollm2-135m] [--methods shortgpt,gromov,sleb,attn-drop,mlp-drop,joint]
+                                  [--fractions 0.125,0.25,0.375] [--tasks wikitext2,arc_easy,...] [--limit 500]
+                                  [--calib-windows 4] [--speed]
+
+Recipes are calibrated once into bench/.work/layers/ and reused; the evaluation of each model is one resumable
+`actlab eval --out` directory (bench/.work/layers/eval-MODEL), so an interrupted run continues where it stopped.
+Prints a markdown table and writes bench/results/layer_pruning.json. A budget a method cannot reach (attention
+sublayers alone hold too few parameters) is reported as such, not skipped silently. Speed numbers need an
+otherwise quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "bench" / ".work" / "layers"
+TASKS = "wikitext2,lambada,arc_easy,arc_challenge,piqa,hellaswag"
+
+
+def calibrate(lm, method: str, fraction: float, calib_windows: int, seq_len: int) -> tuple[Path | None, str | None]:
+    from actlab.errors import ConfigError
+    from actlab.jobs import setup
+    from actlab.transforms.layers import get_method
+
+    path = WORK / f"{lm.name}-{method}-{fraction:g}.json"
+    if path.is_file():
+        return path, None
+    chosen = get_method(method)
+    chosen.progress = True
+    try:
+        start = time.perf_counter()
+        recipe = chosen.calibrate(setup.calibration(lm, "wikitext2:valid", seq_len, calib_windows), fraction)
+        recipe.calibration["seconds"] = time.perf_counter() - start
+    except ConfigError as exc:
+        return None, str(exc)
+    recipe.save(path)
+    return path, None
+
+
+def prefill_seconds(model, ids, reps: int = 3) -> float:
+    import torch
+
+    with torch.no_grad():
+        model(input_ids=ids)
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            model(input_ids=ids)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="smollm2-135m")
+    ap.add_argument("--methods", default="shortgpt,gromov,sleb,attn-drop,mlp-drop,joint")
+    ap.add_argument("--fractions", default="0.125,0.25,0.375")
+    ap.add_argument("--tasks", default=TASKS)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--calib-windows", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--speed", action="store_true", help="decode (engine) and prefill (HF) speed per recipe")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "layer_pruning.json"))
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    import actlab
+    from actlab.jobs.eval import eval_job
+    from actlab.transforms import load_recipe
+    from actlab.transforms.layers import removed_fraction
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    rows, notes = [], []
+    for model in args.models.split(","):
+        lm = actlab.load_model(model)
+        recipes = {}
+        for method in args.methods.split(","):
+            for fraction in (float(f) for f in args.fractions.split(",")):
+                path, error = calibrate(lm, method, fraction, args.calib_windows, args.seq_len)
+                if error:
+                    notes.append(f"{model} {method} {fraction:g}: {error}")
+                    print(notes[-1], file=sys.stderr)
+                else:
+                    recipes[(method, fraction)] = path
+        result = eval_job(model, [str(p) for p in recipes.values()], tasks=args.tasks, limit=args.limit,
+                          out=str(WORK / f"eval-{model}"), speed=args.speed, log=lambda m: print(m, file=sys.stderr))
+        dense = result.columns[0]
+        for (method, fraction), col in zip(recipes, result.columns[1:]):
+            recipe = load_recipe(str(recipes[(method, fraction)]))
+            row = {"model": model, "method": method, "target": fraction, "drop": recipe.drop,
+                   "removed_fraction": removed_fraction(lm.adapter, recipe.drop),
+                   "calib_seconds": recipe.calibration.get("seconds")}
+            for task, res in col.results.items():
+                for metric, (value, stderr) in res.metrics.items():
+                    d, d_se = result.difference(col, task, metric)
+                    row[f"{task}/{metric}"] = value
+                    row[f"{task}/{metric}/se"] = stderr
+                    row[f"{task}/{metric}/delta"] = d
+                    row[f"{task}/{metric}/delta_se"] = d_se
+            if args.speed and col.speed and "decode_tok_s" in col.speed and dense.speed:
+                row["decode_speedup"] = col.speed["decode_tok_s"] / dense.speed["decode_tok_s"]
+            rows.append(row)
+        if args.speed:
+            import torch
+
+            from actlab.engine.reference import prompt_ids
+
+            ids = torch.tensor([prompt_ids(lm, 512)])
+            base = prefill_seconds(lm.model, ids)
+            for row, path in zip([r for r in rows if r["model"] == model], recipes.values()):
+                recipe = load_recipe(str(path))
+                if recipe.changes_structure(lm) and not recipe.repair:
+                    pruned = recipe.fold_into(lm, copy.deepcopy(lm.model))
+                    row["prefill_speedup"] = base / prefill_seconds(pruned, ids)
+    metrics = [k for k in (rows[0] if rows else {}) if k.count("/") == 1]
+    print("| model | method | target | removed | " + " | ".join(metrics) + " | decode × | prefill × |")
+    print("|---" * (6 + len(metrics)) + "|")
+    for r in rows:
+        cells = [f"{r[m]:.4g} ({r[m + '/delta']:+.3g})" for m in metrics]
+        print(f"| {r['model']} | {r['method']} | {r['target']:g} | {r['removed_fraction']:.3f} | " + " | ".join(cells)
+              + f" | {r.get('decode_speedup', float('nan')):.2f} | {r.get('prefill_speedup', float('nan')):.2f} |")
+    for n in notes:
+        print(f"- {n}")
+    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "notes": notes}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

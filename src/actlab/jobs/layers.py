@@ -1,0 +1,61 @@
+"""The layers job: remove named parts, or calibrate a layer method to a parameter budget; save the recipe and
+say what it costs (calibration loss, the spine's cost line, optionally held-out perplexity)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from actlab.errors import ConfigError
+from actlab.jobs import setup
+from actlab.transforms import validate
+from actlab.transforms.compose import cost_of
+
+
+def layers_job(model: str, *, save: str, remove: str | None = None, method: str | None = None,
+               budget: float | None = None, params: dict[str, Any] | None = None, calib: str | None = None,
+               seq_len: int = 1024, calib_windows: int = 4, eval_data: str | None = None, windows: int = 0,
+               log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
+    from actlab.transforms.layers import LayerRecipe, check_budget, get_method, removed_fraction
+    from actlab.transforms.layers.importance import calibration_loss
+
+    if (remove is None) == (method is None):
+        raise ConfigError("give either --remove (the parts to remove) or --method with --budget; "
+                          "--list-methods shows the methods")
+    if method is not None:
+        if budget is None:
+            raise ConfigError(f"--method {method} needs --budget (the fraction of non-embedding parameters to remove)")
+        check_budget(budget)
+        chosen = get_method(method, **(params or {}))  # unknown methods and parameters fail before loading
+        chosen.progress = progress
+    else:
+        parts = [p.strip() for p in remove.split(",") if p.strip()]
+        if not parts:
+            raise ConfigError("--remove names no part (e.g. --remove L20,L21.attn)")
+    lm = setup.model(model, log)
+    data = None
+    if method is not None:
+        data = setup.calibration(lm, calib, seq_len, calib_windows)
+        recipe = chosen.calibrate(data, budget)
+    else:
+        recipe = LayerRecipe("manual", lm.identity.to_dict(), parts)
+    validate(recipe, lm)
+    recipe.save(save)
+    out: dict[str, Any] = {"model": lm.name, "recipe": recipe.describe(), "method": recipe.method,
+                           "drop": recipe.drop, "target": recipe.target,
+                           "removed_fraction": removed_fraction(lm.adapter, recipe.drop),
+                           "cost": cost_of(lm, recipe).to_dict(), "cost_line": cost_of(lm, recipe).line(), "path": save}
+    if data is not None:
+        out["calib_loss_dense"] = calibration_loss(data)
+        out["calib_loss"] = calibration_loss(data, recipe.drop, repair=recipe.repair)
+        out["calib_data"] = data.corpus.get("name")
+    if windows:
+        from actlab.eval.perplexity import perplexity
+        from actlab.transforms import attach
+
+        corpus, eval_windows = setup.eval_windows(lm, eval_data, seq_len, windows)
+        out["dense_ppl"] = perplexity(lm, eval_windows, progress=progress).ppl
+        with attach(lm, recipe):
+            out["ppl"] = perplexity(lm, eval_windows, progress=progress, description="perplexity, removed").ppl
+        out["eval_data"] = corpus.name
+    return out

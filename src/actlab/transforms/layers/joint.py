@@ -1,0 +1,135 @@
+"""actlab's own layer method: greedy joint selection over attention and MLP sublayers by measured calibration
+loss per parameter saved, each removed sublayer replaced by a closed-form repair (repair.py).
+
+Removing parts is a budgeted subset choice: minimise the calibration loss subject to removing at least a
+fraction of the parameters. Sublayers differ in size (an attention sublayer is often a third of an MLP), so the
+greedy step takes the part with the least loss increase per parameter it saves, net of its repair's own
+parameters: Delta L(p | removed) / (params(p) - params(repair_p)). Every step measures on the model as it is
+(the parts removed so far, with their repairs), so interactions between removals are seen, as in SLEB.
+
+Cost: one forward pass over the calibration windows per measured candidate. Lazy evaluation (Minoux 1978)
+keeps it near linear: scores from earlier steps are taken as optimistic (a part rarely gets cheaper to remove
+as others go), and only the best candidate is re-measured each step until it stays best. Before each step one
+pass collects the moments every remaining candidate's repair is fitted from, on the current model, so a repair
+sees the stream it will be used in.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any
+
+import torch
+
+from actlab.errors import ConfigError
+from actlab.models.keys import layer_of, projection_key, projection_site, site_key
+from actlab.progress import track
+from actlab.transforms.layers.base import LayerMethod
+from actlab.transforms.layers.importance import (
+    block_params,
+    calibration_loss,
+    candidate_parts,
+    covered_layers,
+    part_params,
+)
+from actlab.transforms.layers.recipe import SUBLAYER_INPUT, LayerRecipe
+from actlab.transforms.layers.repair import KINDS, RepairMoments, repair_params
+
+
+class Joint(LayerMethod):
+    name = "joint"
+    paper = "actlab (greedy sublayer selection by measured loss per parameter, closed-form repair)"
+    removes = "attention and MLP sublayers (with repairs)"
+    measures_loss = True
+
+    def __init__(self, repair: str = "linear", rank: int = 32, ridge: float = 1e-2):
+        if repair not in KINDS:
+            raise ConfigError(f"joint: repair must be one of {', '.join(KINDS)}, got {repair!r}")
+        if not isinstance(rank, int) or rank < 1:
+            raise ConfigError(f"joint: rank must be a positive integer, got {rank!r}")
+        self.repair_kind, self.rank, self.ridge = repair, rank, ridge
+
+    def params(self) -> dict[str, Any]:
+        return {"repair": self.repair_kind, "rank": self.rank, "ridge": self.ridge}
+
+    def calibrate(self, calib: Any, target: float) -> LayerRecipe:
+        adapter = calib.lm.adapter
+        total = block_params(adapter)
+        base = current = calibration_loss(calib)
+        drop: list[str] = []
+        repairs: dict[str, dict[str, torch.Tensor]] = {}
+        steps: list[dict[str, Any]] = []
+        stale: list[tuple[float, str]] = []  # (score, part), scores from earlier steps
+        saved = 0
+        while saved / total < target:
+            candidates = [p for p in candidate_parts(adapter, ["attn", "mlp"], drop)
+                          if len(covered_layers([*drop, p])) < adapter.num_layers]
+            if not candidates:
+                raise ConfigError(f"joint: {target:.1%} of the parameters cannot be removed without removing every "
+                                  "layer")
+            fresh = self._fit_repairs(calib, candidates, drop, repairs)
+
+            def measure(part: str) -> tuple[float, float]:
+                loss = calibration_loss(calib, [*drop, part], repair={**repairs, **_only(fresh, part)})
+                net = part_params(adapter, part) - (repair_params(fresh[part]) if part in fresh else 0)
+                return (loss - current) / max(net, 1), loss
+
+            if not stale:  # the first step measures every candidate
+                measured = {p: measure(p) for p in track(candidates, total=len(candidates),
+                                                         description="joint: every sublayer", enabled=self.progress)}
+                stale = [(score, p) for p, (score, _) in measured.items()]
+                heapq.heapify(stale)
+                best = heapq.heappop(stale)[1]
+                loss = measured[best][1]
+            else:
+                stale = [(s, p) for s, p in stale if p in candidates]
+                heapq.heapify(stale)
+                while True:
+                    _, part = heapq.heappop(stale)
+                    score, loss = measure(part)
+                    if not stale or score <= stale[0][0]:
+                        best = part
+                        break
+                    heapq.heappush(stale, (score, part))
+            drop.append(best)
+            if best in fresh:
+                repairs[best] = fresh[best]
+            saved += part_params(adapter, best) - (repair_params(fresh[best]) if best in fresh else 0)
+            steps.append({"removed": best, "loss": loss, "saved": saved / total})
+            current = loss
+        return self.recipe(calib, target, drop, {"dense_loss": base, "loss": current, "net_removed_fraction":
+                                                 saved / total, "steps": steps}, repair=repairs)
+
+    def _fit_repairs(self, calib: Any, candidates: list[str], drop: list[str],
+                     repairs: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+        """Each candidate's repair, fitted on the calibration windows with the current removals attached."""
+        if self.repair_kind == "none":
+            return {}
+        from actlab.probe import Probe
+
+        lm = calib.lm
+        moments = {p: RepairMoments() for p in candidates}
+        reads: dict[str, tuple[str, str]] = {}  # site -> (part, "in" | "out")
+        for part in candidates:
+            i, sub = layer_of(part), part.split(".")[1]
+            reads[site_key(i, SUBLAYER_INPUT[sub])] = (part, "in")
+            reads[projection_site(projection_key(i, "o" if sub == "attn" else "down"), "out")] = (part, "out")
+        held: dict[str, torch.Tensor] = {}
+
+        def collect(site, x):
+            part, side = reads[site.name]
+            if side == "in":
+                held[part] = x
+            else:
+                moments[part].add(held.pop(part), x)
+
+        layer = LayerRecipe("measure", lm.identity.to_dict(), list(drop), repair=dict(repairs)) if drop else None
+        with Probe(lm, list(reads), collect), calib.attached([*calib.applied(), *([layer] if layer else [])]):
+            with torch.no_grad():
+                for w in calib.windows:
+                    calib._body(w[None])
+        return {p: m.fit(self.repair_kind, self.rank, self.ridge) for p, m in moments.items()}
+
+
+def _only(fresh: dict[str, Any], part: str) -> dict[str, Any]:
+    return {part: fresh[part]} if part in fresh else {}
