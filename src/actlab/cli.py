@@ -358,6 +358,8 @@ def layers_cmd(
     eval_data: EvalDataOpt = None,
     windows: Annotated[int, typer.Option(min=0, help="held-out windows for dense and removed perplexity "
                                                      "(0: none)")] = 0,
+    importance: Annotated[bool, typer.Option("--importance", help="rank every block and sublayer by each metric and "
+                                             "by the measured loss of removing it (--save: a .csv)")] = False,
     list_methods: Annotated[bool, typer.Option("--list-methods", help="list the methods and exit")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -370,13 +372,19 @@ def layers_cmd(
       actlab layers --method shortgpt --budget 0.25 --save short25.json
       actlab layers --method joint --budget 0.25 --eval wikitext2:test --windows 8 --save j25.json
       actlab layers --remove L20,L21.attn --save drop.yaml
+      actlab layers --importance --calib-windows 2
       actlab layers --list-methods
     """
     if list_methods:
         _list_layer_methods(as_json)
         return
     from actlab.errors import ConfigError
-    from actlab.jobs.layers import layers_job
+    from actlab.jobs.layers import importance_job, layers_job
+
+    if importance:
+        out = importance_job(model, calib=calib, seq_len=seq_len, calib_windows=calib_windows, save=save, log=_log)
+        _emit(out, as_json, _importance_text(out))
+        return
 
     if not save:
         raise ConfigError("give --save: the layer recipe file to write (.json or .yaml)")
@@ -392,6 +400,21 @@ def layers_cmd(
         lines.append(f"ppl {out['dense_ppl']:.3f} dense -> {out['ppl']:.3f} ({out['ppl'] / out['dense_ppl'] - 1:+.1%}) "
                      f"on {out['eval_data']}")
     _emit(out, as_json, "\n".join(lines))
+
+
+def _importance_text(out: dict) -> str:
+    lines = [f"{out['model']}: removing one part at a time, {out['tokens']} tokens of {out['calib_data']}"]
+    by_kind: dict[str, list[dict]] = {}
+    for row in out["parts"]:
+        by_kind.setdefault(row["kind"], []).append(row)
+    for kind, rows in by_kind.items():
+        rows = sorted(rows, key=lambda r: r["delta_loss"])
+        label = {"block": "blocks", "attn": "attention sublayers", "mlp": "MLP sublayers"}.get(kind, kind)
+        lines.append(f"{label}, least harmful first (Δ loss, influence): " + ", ".join(
+            f"{r['part']} {r['delta_loss']:+.3f} ({r['influence']:.3f})" for r in rows[:8]))
+    lines.append("Spearman with the measured Δ loss: " + ", ".join(
+        f"{name} {rho:+.2f}" for name, rho in out["spearman_with_measured"].items()))
+    return "\n".join(lines)
 
 
 def _list_layer_methods(as_json: bool) -> None:

@@ -11,7 +11,8 @@ import actlab
 from actlab.engine.decode import DecodeEngine
 from actlab.engine.kernels import TorchKernels, load_kernels
 from actlab.engine.lm_head import ExactArgmaxHead
-from actlab.engine.reference import hf_generate, prompt_ids
+from actlab.engine.reference import greedy_reference, hf_generate, prompt_ids
+from actlab.errors import ConfigError
 from actlab.transforms.sparsity import CalibrationData, attach, calibrate
 
 NATIVE = load_kernels()
@@ -173,3 +174,56 @@ def test_engine_refuses_foreign_recipe(tiny_lm, tmp_path, monkeypatch):
     recipe = calibrate("magnitude", CalibrationData.from_corpus(other, None, seq_len=96, windows=8), 0.3)
     with pytest.raises(ConfigError, match="calibrated for"):
         DecodeEngine(tiny_lm, recipe)
+
+
+# -- text in, text out ------------------------------------------------------------------------------------
+def test_sampling_follows_the_hf_models_distribution_and_stops_at_eos():
+    from actlab.engine.decode import eos_ids, sample
+
+    lm = actlab.load_model("tiny-llama")
+    engine = DecodeEngine(lm, max_len=96)
+    ids = prompt_ids(lm, 12)
+    greedy = engine.generate_tokens(ids, 10)
+    assert greedy == greedy_reference(lm, ids, 10)
+    # a sampled continuation, replayed independently: HF logits at each step, the same filtering and generator
+    new = engine.generate_tokens(ids, 10, temperature=0.8, top_k=20, top_p=0.9, seed=7)
+    generator = torch.Generator().manual_seed(7)
+    replay, seq = [], list(ids)
+    with torch.no_grad():
+        for _ in range(10):
+            logits = lm.model(torch.tensor([seq])).logits[0, -1].float()
+            replay.append(sample(logits, 0.8, 20, 0.9, generator))
+            seq.append(replay[-1])
+    assert new == replay
+    assert engine.generate_tokens(ids, 10, temperature=0.8, seed=7) == engine.generate_tokens(ids, 10,
+                                                                                              temperature=0.8, seed=7)
+    stop = engine.generate_tokens(ids, 10, stop={greedy[2]})
+    assert stop == greedy[:greedy.index(greedy[2]) + 1]
+    reference = greedy_reference(lm, lm.tokenizer("def main():")["input_ids"], 8)
+    ends = [i for i, t in enumerate(reference) if t in eos_ids(lm)]
+    reference = reference[:ends[0] + 1] if ends else reference
+    assert engine.generate_text("def main():", max_new_tokens=8) == lm.tokenizer.decode(reference,
+                                                                                        skip_special_tokens=True)
+    for bad, message in [({"temperature": -1}, "temperature"), ({"top_k": -2}, "top_k"), ({"top_p": 0}, "top_p")]:
+        with pytest.raises(ConfigError, match=message):
+            engine.generate_tokens(ids, 4, **bad)
+
+
+def test_nucleus_and_top_k_filtering_by_brute_force():
+    from actlab.engine.decode import sample
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    probs = torch.softmax(logits.double(), 0)
+    counts = torch.zeros(5)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4000):
+        counts[sample(logits, 1.0, top_k=0, top_p=0.8, generator=g)] += 1
+    # the nucleus of 0.8: the fewest most likely tokens whose mass reaches 0.8
+    keep = int((torch.cumsum(probs, 0) - probs < 0.8).sum())
+    assert (counts[keep:] == 0).all() and (counts[:keep] > 0).all()
+    expected = probs[:keep] / probs[:keep].sum()
+    assert torch.allclose(counts[:keep] / counts.sum(), expected.float(), atol=0.03)
+    counts.zero_()
+    for _ in range(500):
+        counts[sample(logits, 1.0, top_k=2, generator=g)] += 1
+    assert (counts[2:] == 0).all() and (counts[:2] > 0).all()

@@ -297,3 +297,20 @@ def test_engine_runs_repairs_like_the_hooked_model(name):
     plain = greedy_reference(lm, ids, 24)
     tokens = DecodeEngine(lm, recipe, max_len=64).generate(ids, 24).tokens
     assert tokens == reference and tokens != plain
+
+
+def test_importance_table_ranks_every_part_and_measures_agreement(lm, calib):
+    from actlab.transforms.layers.importance import importance_table
+
+    table, agreement = importance_table(calib)
+    assert len(table) == 3 * lm.adapter.num_layers
+    dense = calibration_loss(calib)
+    row = table.set_index("part").loc["L1.mlp"]
+    assert row["delta_loss"] == pytest.approx(calibration_loss(calib, ["L1.mlp"]) - dense, rel=1e-6)
+
+    def spearman(a, b):  # no ties in these continuous numbers: Pearson of the ranks
+        ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+        return float(np.corrcoef(ra, rb)[0, 1])
+    blocks = table[table["kind"] == "block"]
+    assert agreement["block: influence"] == pytest.approx(spearman(blocks["influence"], blocks["delta_loss"]))
+    assert set(agreement) == {"block: influence", "block: angular distance", "attn: influence", "mlp: influence"}

@@ -70,7 +70,7 @@ def scaled(command: str) -> list[str]:
         out += ["--tokens", "128"]
     if sub in ("sparsify", "sparsity-at-ppl") and "--list-methods" not in out:
         out += ["--windows", "2", "--calib-windows", "8"] if "--windows" not in out else []
-    if sub == "layers" and "--method" in out:
+    if sub == "layers" and ("--method" in out or "--importance" in out):
         out += ["--calib-windows", "8"]
     if sub == "sparsity-at-ppl":
         out += ["--steps", "2"]

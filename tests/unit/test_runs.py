@@ -211,7 +211,8 @@ def test_merge_of_two_corpora_equals_one_pass(tmp_path, tiny_llama):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * scale + 1e-12, msg=k)
             else:
                 assert torch.equal(a, b), k
-    assert (tmp_path / "AB" / "report.html").exists()
+    header = (tmp_path / "AB" / "report.html").read_text().split('<p class="meta">', 1)[1].split("</p>", 1)[0]
+    assert f"{first} (256 tokens) + {second} (256 tokens)" in header, header
 
 
 def test_profile_errors_are_clear(tmp_path, tiny_llama):

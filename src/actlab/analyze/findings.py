@@ -144,3 +144,79 @@ def findings(tables: dict[str, pd.DataFrame]) -> list[Finding]:
     return (layer_findings(layers) + massive_findings(layers, tables.get("top_activations"))
             + attention_findings(tables.get("heads"), tables.get("sink_tokens"))
             + neuron_findings(tables.get("neurons")) + sparsity_findings(tables.get("sparsity")))
+
+
+# -- what to do next ---------------------------------------------------------------------------------------
+@dataclass
+class NextStep:
+    text: str
+    command: str = ""  # an actlab command line that tries it ("" when there is none yet)
+
+
+def next_steps(tables: dict[str, pd.DataFrame], model: str) -> list[NextStep]:
+    """Commands derived from the findings: a sparsity budget to try, layers to test for removal, what KV-cache
+    compression and quantization must keep."""
+    out: list[NextStep] = []
+    flag = f"--model {model} "
+    sparsity = tables.get("sparsity")
+    if sparsity is not None and len(sparsity):
+        rows = sparsity[(sparsity["kind"] == "down_in") & np.isclose(sparsity["eps"], SPARSITY_EPS, rtol=0.3)]
+        if len(rows):
+            budget = float(np.clip(np.floor(rows["fraction_below"].median() * 10) / 10, 0.2, 0.7))
+            out.append(NextStep(f"a median {rows['fraction_below'].median():.0%} of MLP intermediates are near zero: "
+                                f"try activation sparsity at {budget:.0%}, calibrated by loss",
+                                f"actlab sparsify {flag}--method loss-aware --sparsity {budget:g} "
+                                "--calib wikitext2:valid --eval wikitext2:test --save sparse.json"))
+    layers = tables.get("layers", pd.DataFrame())
+    if "block_influence" in layers and layers["block_influence"].notna().any():
+        n = len(layers)
+        count = max(1, round(n / 8))
+        low = layers.nsmallest(count, "block_influence")["layer"].astype(int).tolist()
+        which = (f"the {count} blocks with the lowest Block Influence ({_layers(sorted(low))}) are" if count > 1 else
+                 f"the block with the lowest Block Influence ({_layers(low)}) is")
+        out.append(NextStep(f"{which} the first to test for removal; compare ShortGPT's choice with one measured "
+                            "by loss",
+                            f"actlab layers {flag}--method shortgpt --budget 0.125 --save short.json && "
+                            f"actlab layers {flag}--method joint --budget 0.125 --save joint.json && "
+                            f"actlab eval {flag}--recipe short.json --recipe joint.json --tasks wikitext2,arc_easy "
+                            "--limit 200"))
+    if "cos_attn" in layers:
+        quiet = layers[layers["cos_attn"] > ATTN_REDUNDANT_COS]["layer"].astype(int).tolist()
+        if quiet:
+            parts = ",".join(f"L{i}.attn" for i in quiet)
+            out.append(NextStep(f"the attention of {_layers(quiet)} barely turns the stream: remove it and measure",
+                                f"actlab layers {flag}--remove {parts} --save attn.json && actlab eval {flag}"
+                                "--recipe attn.json --tasks wikitext2 --limit 40"))
+    heads = tables.get("heads")
+    if heads is not None and len(heads):
+        sinks = heads[heads["first_token_mass"] > SINK_MASS]
+        if len(sinks):
+            out.append(NextStep(f"{len(sinks)} heads are attention sinks: a compressed KV cache must keep the first "
+                                "token's keys and values (StreamingLLM's sink tokens)"))
+    if "resid_max_over_median" in layers and (layers["resid_max_over_median"] > MASSIVE_FACTOR).any():
+        out.append(NextStep("massive activations in the residual stream: weight quantization must keep the "
+                            "channels the massive-activation table names at high precision, and activation "
+                            "quantization must not clip them"))
+    return out
+
+
+def layer_summary(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per layer: MLP-input sparsity near zero, residual peak over median, sink heads, Block Influence
+    and the attention sublayer's cosine."""
+    layers = tables.get("layers", pd.DataFrame())
+    if not len(layers):
+        return pd.DataFrame()
+    out = pd.DataFrame({"layer": layers["layer"].astype(int)})
+    for column in ("block_influence", "cos_attn", "resid_max_over_median", "logit_lens_loss"):
+        if column in layers:
+            out[column] = layers[column].to_numpy()
+    sparsity = tables.get("sparsity")
+    if sparsity is not None and len(sparsity):
+        rows = sparsity[(sparsity["kind"] == "down_in") & np.isclose(sparsity["eps"], SPARSITY_EPS, rtol=0.3)]
+        out = out.merge(rows[["layer", "fraction_below"]].rename(columns={"fraction_below": "down_in_near_zero"}),
+                        on="layer", how="left")
+    heads = tables.get("heads")
+    if heads is not None and len(heads):
+        sinks = (heads["first_token_mass"] > SINK_MASS).groupby(heads["layer"]).sum().rename("sink_heads")
+        out = out.merge(sinks.reset_index(), on="layer", how="left")
+    return out

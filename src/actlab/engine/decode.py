@@ -78,6 +78,40 @@ def fused_norm(norm, width: int, kernels):
     return direct(norm)
 
 
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    if not temperature >= 0:
+        raise ConfigError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ConfigError(f"top_k must be a non-negative integer (0: no limit), got {top_k!r}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> int:
+    """One token from softmax(logits / temperature), limited to the top_k most likely tokens and then to the
+    smallest set whose probability reaches top_p (the nucleus; the most likely token is always kept)."""
+    scaled = logits.double() / temperature
+    if top_k:
+        kth = torch.topk(scaled, min(top_k, scaled.numel())).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p < 1:
+        order = torch.argsort(scaled, descending=True)
+        probs = torch.softmax(scaled[order], 0)
+        before = torch.cumsum(probs, 0) - probs  # mass of the tokens ranked above each one
+        scaled[order[before >= top_p]] = float("-inf")
+    return int(torch.multinomial(torch.softmax(scaled, 0), 1, generator=generator))
+
+
+def eos_ids(lm) -> set[int]:
+    """The model's end-of-sequence token ids (generation config and tokenizer)."""
+    ids: set[int] = set()
+    for source in (getattr(lm.model, "generation_config", None), lm.model.config, lm.tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        ids.update(value if isinstance(value, (list, tuple)) else [] if value is None else [value])
+    return ids
+
+
 @dataclass
 class EngineLayer:
     index: int
@@ -209,6 +243,7 @@ class DecodeEngine:
         ctx = attach(self.lm, self.recipe) if self.recipe is not None else contextlib.nullcontext()
         with ctx:
             out = self.lm.model(input_ids=torch.tensor([ids]), use_cache=True)
+        self.last_logits = out.logits[0, -1].float()  # for sampling the first new token
         cache = output_cache(out)
         for layer in self.layers:
             if not layer.attention:
@@ -256,6 +291,20 @@ class DecodeEngine:
 
     @torch.no_grad()
     def step(self, token: int, pos: int) -> int:
+        """The greedy next token after `token` at position `pos` (exact argmax through the int8 head)."""
+        return self.head.argmax(self.final_norm(self._hidden(token, pos)))
+
+    @torch.no_grad()
+    def step_logits(self, token: int, pos: int) -> torch.Tensor:
+        """The full float32 next-token logits after `token` at `pos` (as the HF model computes them)."""
+        h = self.final_norm(self._hidden(token, pos))
+        logits = self.head.weight.mv(h)
+        if self.head.bias is not None:
+            logits = logits + self.head.bias
+        cap = getattr(self.lm.model.config, "final_logit_softcapping", None)
+        return logits if not cap else torch.tanh(logits / cap) * cap
+
+    def _hidden(self, token: int, pos: int) -> torch.Tensor:
         h = self._embed(token, pos)
         for layer in self.layers:
             if layer.block_repair is not None:
@@ -271,7 +320,7 @@ class DecodeEngine:
                 u = layer.mlp_norm(x if self.parallel_residual else h)
                 m = layer.mlp(u) if layer.feed_forward else layer.mlp_repair(u)
                 h = h + (m if layer.mlp_post_norm is None else layer.mlp_post_norm(m))
-        return self.head.argmax(self.final_norm(h))
+        return h
 
     def generate(self, ids: list[int], max_new_tokens: int) -> GenerationStats:
         """Greedy decoding; stats.tokens are the new tokens."""
@@ -290,6 +339,40 @@ class DecodeEngine:
             pos += 1
         stats.decode_s = time.perf_counter() - t1
         return stats
+
+    def generate_tokens(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                        top_p: float = 1.0, seed: int | None = None, stop: set[int] | None = None) -> list[int]:
+        """New tokens after `ids`: greedy at temperature 0, else sampled from softmax(logits / temperature)
+        restricted to the top_k tokens and the top_p nucleus; decoding stops after a token of `stop` (it is
+        included) or `max_new_tokens`."""
+        check_sampling(temperature, top_k, top_p)
+        if len(ids) + max_new_tokens > self.max_len:
+            raise ConfigError(f"prompt + new tokens exceed the engine's {self.max_len} positions")
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        greedy = temperature == 0
+        stop = stop or set()
+        first = self.prefill(ids)
+        token = first if greedy else sample(self.last_logits, temperature, top_k, top_p, generator)
+        out = [token]
+        pos = len(ids)
+        while len(out) < max_new_tokens and token not in stop:
+            token = self.step(token, pos) if greedy else sample(self.step_logits(token, pos), temperature, top_k,
+                                                                top_p, generator)
+            out.append(token)
+            pos += 1
+        return out
+
+    def generate_text(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                      top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> str:
+        """Text in, text out: the prompt tokenized as the model's tokenizer does, the continuation decoded
+        without special tokens; stops at the model's EOS token(s) unless `stop_at_eos` is False."""
+        tok = self.lm.tokenizer
+        ids = tok(prompt, verbose=False)["input_ids"]
+        if not ids:
+            raise ConfigError("the prompt is empty")
+        stop = eos_ids(self.lm) if stop_at_eos else set()
+        new = self.generate_tokens(ids, max_new_tokens, temperature, top_k, top_p, seed, stop)
+        return tok.decode(new, skip_special_tokens=True)
 
     # -- accounting ----------------------------------------------------------------------------
     def reset_counters(self) -> None:

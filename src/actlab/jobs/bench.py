@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -42,6 +43,12 @@ def bench_decode(model: str, method: str | None = None, sparsity: float = 0.5, r
         from actlab.engine.plan import EnginePlan
 
         EnginePlan.lower(lm, recipe)  # what the engine cannot run is refused before anything is timed
+    from actlab.threads import busy_cores
+
+    busy = busy_cores(0.5)
+    if busy is not None and busy > 0.5:
+        log(f"warning: {busy:.1f} of {os.cpu_count()} cores are busy with other work: these timings are not "
+            "reliable (pause other jobs, or compare only ratios taken in one run)")
     torch.manual_seed(0)
     if recipe is None:
         log(f"calibrating {method} to {sparsity:.0%} on {calib or 'python-docs'} ...")
@@ -93,7 +100,7 @@ def bench_decode(model: str, method: str | None = None, sparsity: float = 0.5, r
         "hf_e2e_tok_s": statistics.median(runs_e2e["hf"]), "dense_e2e_tok_s": statistics.median(runs_e2e["dense"]),
         "sparse_e2e_tok_s": statistics.median(runs_e2e["sparse"]),
         "dense_matches_hf": outputs["dense"] == outputs["hf"],
-        "runs_tok_s": runs, "runs_e2e_tok_s": runs_e2e,
+        "runs_tok_s": runs, "runs_e2e_tok_s": runs_e2e, "busy_cores_before": busy,
     }
     result["sparse_over_dense"] = result["sparse_tok_s"] / result["dense_tok_s"]
     result["sparse_over_hf"] = result["sparse_tok_s"] / result["hf_tok_s"]

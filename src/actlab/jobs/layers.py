@@ -59,3 +59,22 @@ def layers_job(model: str, *, save: str, remove: str | None = None, method: str 
             out["ppl"] = perplexity(lm, eval_windows, progress=progress, description="perplexity, removed").ppl
         out["eval_data"] = corpus.name
     return out
+
+
+def importance_job(model: str, *, calib: str | None = None, seq_len: int = 1024, calib_windows: int = 4,
+                   save: str | None = None, log: Callable[[str], None] = print,
+                   progress: bool = True) -> dict[str, Any]:
+    """Every block and sublayer ranked by the cheap metrics and by the measured loss of removing it; how well the
+    cheap ones predict the measured one. `save`: the table as CSV."""
+    from actlab.fsutil import atomic_write_text
+    from actlab.transforms.layers.importance import importance_table
+
+    if save is not None and not save.endswith(".csv"):
+        raise ConfigError(f"--save {save}: the importance table is written as .csv")
+    lm = setup.model(model, log)
+    data = setup.calibration(lm, calib, seq_len, calib_windows)
+    table, agreement = importance_table(data, progress=progress)
+    if save:
+        atomic_write_text(save, table.to_csv(index=False))
+    return {"model": lm.name, "calib_data": data.corpus.get("name"), "tokens": int(data.windows.numel()),
+            "parts": table.to_dict("records"), "spearman_with_measured": agreement, "path": save}

@@ -9,7 +9,7 @@ from typing import Any
 import jinja2
 import pandas as pd
 
-from actlab.analyze.findings import findings
+from actlab.analyze.findings import findings, layer_summary, next_steps
 from actlab.report.plots import FIGURES, missing
 
 MASSIVE_ROWS = 20
@@ -20,13 +20,39 @@ def _environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.PackageLoader("actlab.report", "templates"),
                              autoescape=jinja2.select_autoescape(["html"]))
     env.filters["token"] = show_token
+    env.filters["num"] = lambda v, fmt: "–" if _absent(v) else fmt % v
+    env.filters["pct"] = lambda v: "–" if _absent(v) else f"{v:.0%}"
     return env
+
+
+def _absent(value: Any) -> bool:
+    """Not collected: a column the run lacks (undefined in the template), None or NaN."""
+    return isinstance(value, jinja2.Undefined) or value is None or value != value
 
 
 def show_token(token: Any) -> str:
     """A token as a quoted string with its whitespace visible ("\n", " the"), to be HTML-escaped by the template
     (Jinja's tojson would print <bos> as \u003cbos\u003e)."""
     return json.dumps(str(token), ensure_ascii=False)
+
+
+def massive_events(top: pd.DataFrame) -> list[dict[str, Any]]:
+    """The largest activations, one row per event (a channel at one token of one window) with the range of layers
+    it spans and its peak, instead of one row per layer of the same event."""
+    if not len(top):
+        return []
+    keys = ["channel", "window", "position", "token"]
+    events = top.groupby(keys, as_index=False).agg(value=("value", "max"), first=("layer", "min"),
+                                                   last=("layer", "max"), layers=("layer", "nunique"))
+    return events.sort_values("value", ascending=False).head(MASSIVE_ROWS).to_dict("records")
+
+
+def corpora(manifest: dict[str, Any]) -> str:
+    """The corpus a run read, or for a merged run every corpus merged, with its tokens."""
+    sources = manifest.get("sources")
+    if not sources:
+        return manifest.get("data", {}).get("name", "?")
+    return " + ".join(f"{s.get('data', {}).get('name', '?')} ({s.get('tokens', '?')} tokens)" for s in sources)
 
 
 def render_report(manifest: dict[str, Any], tables: dict[str, pd.DataFrame]) -> str:
@@ -39,12 +65,12 @@ def render_report(manifest: dict[str, Any], tables: dict[str, pd.DataFrame]) -> 
         png = None if lacking else base64.b64encode(draw(tables)).decode()
         figures.append({"key": key, "title": title, "png": png, "needs": ", ".join(lacking)})
     top = tables.get("top_activations", pd.DataFrame())
-    massive_rows = top.sort_values("value", ascending=False).head(MASSIVE_ROWS).to_dict("records") if len(top) else []
+    massive_rows = massive_events(top)
     sinks = tables.get("sink_tokens", pd.DataFrame())
     protocol = manifest.get("protocol", {})
     return _environment().get_template("report.html").render(
         model=manifest["model"]["name"],
-        data=manifest.get("data", {}).get("name", "?"),
+        data=corpora(manifest),
         tokens=manifest.get("tokens_done", "?"),
         windows=manifest.get("windows_done", "?"),
         seq_len=protocol.get("seq_len", "?"),
@@ -54,6 +80,8 @@ def render_report(manifest: dict[str, Any], tables: dict[str, pd.DataFrame]) -> 
         status=manifest.get("status", "?"),
         versions=manifest.get("versions", {}),
         findings=findings(tables),
+        next_steps=next_steps(tables, manifest["model"]["name"]),
+        summary=layer_summary(tables).to_dict("records"),
         figures=figures,
         massive_rows=massive_rows,
         sink_rows=sinks.head(SINK_ROWS).to_dict("records") if len(sinks) else [],

@@ -54,6 +54,40 @@ def sparsity_vs_eps(t: dict[str, pd.DataFrame]) -> bytes:
     return _png(fig)
 
 
+RELATIVE_EPS = 0.1  # the per-layer sparsity plot's threshold, as a fraction of each site's RMS
+
+
+def fraction_below_relative(sparsity: pd.DataFrame, sites: pd.DataFrame, rel: float = RELATIVE_EPS) -> pd.DataFrame:
+    """Per site: the fraction of |x| below rel x the site's RMS, interpolated in log(eps) on the site's
+    fraction-below curve (a threshold that means the same at every layer, whatever its scale)."""
+    rows = []
+    rms = sites.set_index("site")["rms"]
+    for site, curve in sparsity.groupby("site"):
+        if site not in rms or not rms[site] > 0 or pd.isna(curve["layer"].iloc[0]):
+            continue
+        curve = curve.sort_values("eps")
+        eps = rel * float(rms[site])
+        value = float(np.interp(np.log(eps), np.log(curve["eps"].to_numpy()), curve["fraction_below"].to_numpy()))
+        rows.append({"site": site, "layer": int(curve["layer"].iloc[0]), "kind": curve["kind"].iloc[0],
+                     "fraction_below": value})
+    return pd.DataFrame(rows)
+
+
+def sparsity_per_layer(t: dict[str, pd.DataFrame]) -> bytes:
+    rel = fraction_below_relative(t["sparsity"], t["sites"])
+    kinds = [k for k in SPARSITY_KINDS if k in set(rel["kind"])] if len(rel) else []
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    for kind in kinds:
+        r = rel[rel["kind"] == kind].sort_values("layer")
+        ax.plot(r["layer"], r["fraction_below"], marker="o", ms=3, label=kind)
+    _layer_axis(ax)
+    ax.set_ylabel(f"fraction |x| < {RELATIVE_EPS:g} x RMS")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
 def neuron_frequency(t: dict[str, pd.DataFrame]) -> bytes:
     n = t["neurons"]
     col = [c for c in n.columns if c.startswith("freq_")][len([c for c in n.columns if c.startswith("freq_")]) // 2]
@@ -156,6 +190,8 @@ def logit_lens(t: dict[str, pd.DataFrame]) -> bytes:
 # figure key -> (title, drawing function, what it needs: a table, or "table.column" for one of its columns)
 FIGURES: dict[str, tuple[str, Callable[[dict[str, pd.DataFrame]], bytes], tuple[str, ...]]] = {
     "sparsity": ("Activation sparsity vs eps, per layer", sparsity_vs_eps, ("sparsity",)),
+    "sparsity_layers": (f"Which layers are sparse: values below {RELATIVE_EPS:g} x the site's RMS", sparsity_per_layer,
+                        ("sparsity", "sites.rms")),
     "neurons": ("MLP neuron activation frequency", neuron_frequency, ("neurons",)),
     "massive": ("Massive activations", massive_activations, ("layers.resid_max_abs", "layers.resid_median_abs")),
     "sinks": ("Attention sinks and entropy (layer x head)", attention_sinks, ("heads",)),

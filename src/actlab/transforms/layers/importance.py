@@ -151,3 +151,32 @@ def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float:
     import pandas as pd
 
     return float(pd.Series(list(a)).rank().corr(pd.Series(list(b)).rank()))
+
+
+def importance_table(calib: Any, progress: bool = False) -> tuple[Any, dict[str, float]]:
+    """Every block and sublayer with each importance metric: the cheap statistics and the measured loss increase
+    of removing it alone; and Spearman's rank correlation of each cheap metric with the measured one (how well
+    it predicts which parts are safe to remove)."""
+    import pandas as pd
+
+    adapter = calib.lm.adapter
+    stats = depth_statistics(calib, progress=progress)
+    base = calibration_loss(calib)
+    parts = candidate_parts(adapter, ["block", "attn", "mlp"])
+    losses = removal_losses(calib, parts, progress=progress, description="measuring every part")
+    rows = []
+    for part in parts:
+        i, _, sub = part.partition(".")
+        layer = int(i[1:])
+        cheap = {"": float(stats.block_influence[layer]), "attn": float(stats.attn_influence[layer]),
+                 "mlp": float(stats.mlp_influence[layer])}[sub]
+        rows.append({"part": part, "layer": layer, "kind": sub or "block", "params": part_params(adapter, part),
+                     "influence": cheap, "angular_distance": float(stats.angular[layer, layer + 1]) if not sub
+                     else float("nan"), "delta_loss": losses[part] - base})
+    table = pd.DataFrame(rows)
+    agreement = {}
+    for kind, rows_of in table.groupby("kind"):
+        agreement[f"{kind}: influence"] = rank_correlation(rows_of["influence"], rows_of["delta_loss"])
+        if kind == "block":
+            agreement["block: angular distance"] = rank_correlation(rows_of["angular_distance"], rows_of["delta_loss"])
+    return table, agreement

@@ -23,7 +23,7 @@ import torch
 
 from actlab.errors import ConfigError
 from actlab.models.keys import layer_of, projection_key, projection_site, site_key
-from actlab.progress import track
+from actlab.progress import status, track
 from actlab.transforms.layers.base import LayerMethod
 from actlab.transforms.layers.importance import (
     block_params,
@@ -97,6 +97,10 @@ class Joint(LayerMethod):
             saved += part_params(adapter, best) - (repair_params(fresh[best]) if best in fresh else 0)
             steps.append({"removed": best, "loss": loss, "saved": saved / total})
             current = loss
+            if self.progress:
+                status(f"joint: step {len(steps)}: removed {best}{' with its repair' if best in repairs else ''}, "
+                       f"calibration loss {loss:.4f} ({loss - base:+.4f}), {saved / total:.1%} of "
+                       f"{target:.1%} saved")
         return self.recipe(calib, target, drop, {"dense_loss": base, "loss": current, "net_removed_fraction":
                                                  saved / total, "steps": steps}, repair=repairs)
 
