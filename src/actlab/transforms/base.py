@@ -131,6 +131,17 @@ class Method(ABC):
         """A recipe meeting `target` (the family's budget) from calibration data."""
 
 
+def make_method(methods: dict[str, type[Method]], kind: str, name: str, **params: Any) -> Method:
+    """The method `name` of a family's registry built with `params`; unknown names and bad parameters are
+    one-line errors (`kind`: "sparsity", "layer", ... for the message)."""
+    if name not in methods:
+        raise ConfigError(f"unknown {kind} method {name!r}; methods: {', '.join(methods)}")
+    try:
+        return methods[name](**params)
+    except TypeError as exc:
+        raise ConfigError(f"bad parameters for {name}: {exc}") from exc
+
+
 RECIPE_TYPES: dict[str, type[Recipe]] = {}
 
 

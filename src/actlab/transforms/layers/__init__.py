@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from actlab.errors import ConfigError
+from actlab.transforms.base import make_method
 from actlab.transforms.layers.base import LayerMethod
 from actlab.transforms.layers.gromov import Gromov
 from actlab.transforms.layers.importance import check_budget, removed_fraction
@@ -17,12 +17,7 @@ METHODS: dict[str, type[LayerMethod]] = {cls.name: cls for cls in (ShortGPT, Gro
 
 
 def get_method(name: str, **params) -> LayerMethod:
-    if name not in METHODS:
-        raise ConfigError(f"unknown layer method {name!r}; methods: {', '.join(METHODS)}")
-    try:
-        return METHODS[name](**params)
-    except TypeError as exc:
-        raise ConfigError(f"bad parameters for {name}: {exc}") from exc
+    return make_method(METHODS, "layer", name, **params)  # type: ignore[return-value]
 
 
 __all__ = ["METHODS", "LayerMethod", "LayerRecipe", "check_budget", "get_method", "remove_blocks", "removed_fraction"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from actlab.errors import ConfigError
+from actlab.transforms.base import make_method
 from actlab.transforms.sparsity.attach import SparsityMeter, attach
 from actlab.transforms.sparsity.base import Sparsifier
 from actlab.transforms.sparsity.budget import check_target
@@ -27,12 +27,7 @@ CalibrationData = SparsityCalibration  # the name round 1's API used
 
 
 def get_method(name: str, **params) -> Sparsifier:
-    if name not in METHODS:
-        raise ConfigError(f"unknown sparsity method {name!r}; methods: {', '.join(METHODS)}")
-    try:
-        return METHODS[name](**params)
-    except TypeError as exc:
-        raise ConfigError(f"bad parameters for {name}: {exc}") from exc
+    return make_method(METHODS, "sparsity", name, **params)  # type: ignore[return-value]
 
 
 __all__ = ["HOOKS_ONLY", "METHODS", "REFINE_STEPS", "CalibrationData", "MaskRule", "SparsityCalibration", "Sparsifier",
