@@ -41,10 +41,11 @@ def layers_job(model: str, *, save: str, remove: str | None = None, method: str 
         recipe = LayerRecipe("manual", lm.identity.to_dict(), parts)
     validate(recipe, lm)
     recipe.save(save)
+    cost = cost_of(lm, recipe)
     out: dict[str, Any] = {"model": lm.name, "recipe": recipe.describe(), "method": recipe.method,
                            "drop": recipe.drop, "target": recipe.target,
                            "removed_fraction": removed_fraction(lm.adapter, recipe.drop),
-                           "cost": cost_of(lm, recipe).to_dict(), "cost_line": cost_of(lm, recipe).line(), "path": save}
+                           "cost": cost.to_dict(), "cost_line": cost.line(), "path": save}
     if data is not None:
         out["calib_loss_dense"] = calibration_loss(data)
         out["calib_loss"] = calibration_loss(data, recipe.drop, repair=recipe.repair)

@@ -129,9 +129,7 @@ class Joint(LayerMethod):
 
         layer = LayerRecipe("measure", lm.identity.to_dict(), list(drop), repair=dict(repairs)) if drop else None
         with Probe(lm, list(reads), collect), calib.attached([*calib.applied(), *([layer] if layer else [])]):
-            with torch.no_grad():
-                for w in calib.windows:
-                    calib._body(w[None])
+            calib.run_windows("joint: repair moments", progress=False)
         return {p: m.fit(self.repair_kind, self.rank, self.ridge) for p, m in moments.items()}
 
 
