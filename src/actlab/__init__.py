@@ -12,12 +12,13 @@ from actlab.errors import ActlabError
 
 __version__ = "0.1.0"
 _LAZY = {"LoadedModel": "actlab.models", "load_model": "actlab.models", "wrap": "actlab.models",
-         "sparsify": "actlab.api"}
-__all__ = ["ActlabError", "LoadedModel", "__version__", "load_model", "sparsify", "wrap"]
+         "sparsify": "actlab.api", "intervene": "actlab.transforms.steer", "record": "actlab.transforms.steer"}
+__all__ = ["ActlabError", "LoadedModel", "__version__", "intervene", "load_model", "record", "sparsify", "wrap"]
 
 if TYPE_CHECKING:
     from actlab.api import sparsify  # noqa: F401
     from actlab.models import LoadedModel, load_model, wrap  # noqa: F401
+    from actlab.transforms.steer import intervene, record  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -535,6 +535,110 @@ def bench_decode_cmd(
         "with a float32 LM head)"]))
 
 
+steer_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                        help="Steering vectors from contrastive pairs: train, generate, measure.")
+app.add_typer(steer_app, name="steer")
+PairsOpt = Annotated[str, typer.Option(help="a jsonl of {positive, negative} pairs, or builtin:sentiment / "
+                                            "builtin:arc-easy, optionally :train or :test (even / odd items)")]
+
+
+@steer_app.command("train")
+def steer_train_cmd(
+    pairs: PairsOpt,
+    save: Annotated[str, typer.Option(help="where to write the recipe (.json or .yaml; vectors in a sidecar)")],
+    model: ModelOpt = DEFAULT_MODEL,
+    layers: Annotated[str | None, typer.Option(help="layers to steer: 10-20, 3,5,7 or all (default: all but the "
+                                                    "first and last)")] = None,
+    method: Annotated[str, typer.Option(help="mean-diff (ActAdd/CAA), pca-diff or pca-center (RepE / repeng)")]
+    = "pca-diff",
+    coeff: Annotated[float, typer.Option(help="the coefficient saved in the recipe")] = 1.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """One direction per layer from contrastive pairs (last-token residual states), saved as a recipe that adds
+    coeff x direction at each layer's output.
+
+    \b
+    Examples:
+      actlab steer train --pairs builtin:sentiment:train --layers 8-20 --coeff 4 --save happy.json
+      actlab steer train --pairs my_pairs.jsonl --method mean-diff --save vec.json
+    """
+    from actlab.jobs.steer import train_job
+
+    _finite("--coeff", coeff)
+    out = train_job(model, pairs=pairs, save=save, layers=layers, method=method, coeff=coeff, log=_log)
+    _emit(out, as_json, f"{out['model']}: {out['method']} from {out['pairs']} pairs at layers "
+                        f"{out['layers'][0]}..{out['layers'][-1]}, coeff {out['coeff']:g} -> {out['path']}; "
+                        f"pairs ordered by the direction: {min(out['separation'].values()):.2f}.."
+                        f"{max(out['separation'].values()):.2f}")
+
+
+@steer_app.command("generate")
+def steer_generate_cmd(
+    recipe: Annotated[str, typer.Option(help="a steering recipe (actlab steer train)")],
+    prompt: Annotated[str, typer.Option(help="the prompt")],
+    model: ModelOpt = DEFAULT_MODEL,
+    coeff: Annotated[float | None, typer.Option(help="override the recipe's coefficient")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="new tokens (greedy)")] = 48,
+    as_json: JsonOpt = False,
+) -> None:
+    """The same prompt without and with the steering recipe (greedy HF generate).
+
+    \b
+    Examples:
+      actlab steer generate --recipe happy.json --coeff 6 --prompt "I think the weather is"
+    """
+    from actlab.jobs.steer import generate_job
+
+    if coeff is not None:
+        _finite("--coeff", coeff)
+    out = generate_job(model, recipe=recipe, prompt=prompt, coeff=coeff, max_new_tokens=max_new_tokens, log=_log)
+    _emit(out, as_json, f"plain:   {out['prompt']}{out['plain']}\nsteered: {out['prompt']}{out['steered']}  "
+                        f"(coeff {out['coeff']})")
+
+
+@steer_app.command("sweep")
+def steer_sweep_cmd(
+    recipe: Annotated[str, typer.Option(help="a steering recipe (actlab steer train)")],
+    pairs: PairsOpt,
+    coeffs: Annotated[str, typer.Option(help="coefficients, comma-separated (0, the plain model, is always run)")]
+    = "1,2,4,8",
+    model: ModelOpt = DEFAULT_MODEL,
+    task: Annotated[str | None, typer.Option(help="also score a multiple-choice task on one half of its items")]
+    = None,
+    half: Annotated[str, typer.Option(help="the task's half: test (odd items) or train (even)")] = "test",
+    limit: Annotated[int | None, typer.Option(min=1, help="at most this many task items")] = None,
+    eval_data: EvalDataOpt = "wikitext2:test",
+    seq_len: SeqLenOpt = 1024,
+    windows: Annotated[int, typer.Option(min=0, help="perplexity windows (0: no perplexity)")] = 8,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per coefficient: p(positive side) on held-out pairs (CAA's A/B metric), task accuracy, perplexity.
+
+    \b
+    Examples:
+      actlab steer sweep --recipe happy.json --pairs builtin:sentiment:test --coeffs 2,4,8
+      actlab steer sweep --recipe arc.json --pairs builtin:arc-easy:test --task arc_easy --half test
+    """
+    from actlab.jobs.steer import sweep_job, sweep_table
+
+    try:
+        values = [float(c) for c in coeffs.split(",") if c.strip()]
+    except ValueError as exc:
+        raise ActlabError(f"--coeffs {coeffs!r}: give numbers separated by commas") from exc
+    for c in values:
+        _finite("--coeffs", c)
+    out = sweep_job(model, recipe=recipe, pairs=pairs, coeffs=values, task=task, half=half, limit=limit,
+                    eval_data=eval_data, seq_len=seq_len, windows=windows, log=_log)
+    _emit(out, as_json, sweep_table(out))
+
+
+def _finite(option: str, value: float) -> None:
+    import math
+
+    if not math.isfinite(value):
+        raise ActlabError(f"{option} must be a finite number, got {value}")
+
+
 def _click_exceptions():
     try:
         from typer._click import exceptions  # typer >= 0.2x carries its own click

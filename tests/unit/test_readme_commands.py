@@ -19,7 +19,7 @@ import yaml
 from ..conftest import shared_data
 
 ROOT = Path(__file__).resolve().parents[2]
-TAKES_MODEL = {"ppl", "profile", "sparsify", "sparsity-at-ppl", "eval", "export", "bench", "layers"}
+TAKES_MODEL = {"ppl", "profile", "sparsify", "sparsity-at-ppl", "eval", "export", "bench", "layers", "steer"}
 SEQ_LEN = {"ppl", "profile", "sparsify", "sparsity-at-ppl", "layers"}
 TINY = {"smollm2-135m": "tiny-llama", "gemma3-270m": "tiny-gemma3"}
 
@@ -53,6 +53,8 @@ def scaled(command: str) -> list[str]:
             out += [arg, str(max(128, int(value) // 256))]
         elif arg in ("--windows", "--limit"):
             out += [arg, "3"]
+        elif arg == "--layers":  # the tiny models have three layers
+            out += [arg, "0-2"]
         elif arg == "--remove":
             out += [arg, re.sub(r"L(\d+)", lambda m: f"L{int(m.group(1)) % 3}", value)]
         elif arg in ("--data", "--calib", "--eval") and value and value.startswith("../shared/"):

@@ -229,7 +229,9 @@ def test_speed_column_per_recipe(tiny_llama, tmp_path):
                            tokens=8, reps=1)
     assert dense["decode_tok_s"] > 0 and dropped["engine_mb"] < dense["engine_mb"]
     push = InterventionRecipe("m", tiny_llama.identity.to_dict(), [SiteEdit("L0.resid_out", "zero")])
-    assert "cannot run steer" in decode_speed(tiny_llama, push, log=lambda *a: None)["error"]
+    assert decode_speed(tiny_llama, push, log=lambda *a: None, tokens=8, reps=1)["decode_tok_s"] > 0
+    heads = InterventionRecipe("m", tiny_llama.identity.to_dict(), [SiteEdit("L0.o_in", "zero", heads=[0])])
+    assert "residual stream" in decode_speed(tiny_llama, heads, log=lambda *a: None)["error"]
 
 
 def test_an_interrupted_evaluation_resumes_to_the_same_results(tiny_llama, tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ from actlab.errors import ConfigError
 from actlab.models.compat import output_cache
 from actlab.models.keys import MLP_ROLES, layer_key, projection_key
 from actlab.models.loader import LoadedModel
+from actlab.probe.edit import ForwardContext
 from actlab.transforms.compose import attach
 from actlab.transforms.sparsity.budget import effective_sparsity, projection_params
 
@@ -304,22 +305,37 @@ class DecodeEngine:
         cap = getattr(self.lm.model.config, "final_logit_softcapping", None)
         return logits if not cap else torch.tanh(logits / cap) * cap
 
+    def _residual_edits(self, h: torch.Tensor, layer: int, kind: str, pos: int) -> torch.Tensor:
+        """The intervention recipe's edits of the residual stream (one token: a call of 1 token at `pos`)."""
+        edits = self.plan.resid_edits.get((layer, kind))
+        if not edits:
+            return h
+        x, ctx = h.view(1, 1, -1), ForwardContext(batch=1, tokens=1, offset=pos)
+        for edit, site in edits:
+            x = edit.apply(x, site, ctx)
+        return x.reshape(-1).float()
+
     def _hidden(self, token: int, pos: int) -> torch.Tensor:
         h = self._embed(token, pos)
         for layer in self.layers:
-            if layer.block_repair is not None:
-                h = h + layer.block_repair(h)
-                continue
-            x = h  # a parallel residual feeds both sublayers the block's input
-            if layer.attention:
-                h = h + self._attention(layer, layer.attn_norm(h), pos)
-            elif layer.attn_repair is not None:
-                a = layer.attn_repair(layer.attn_norm(h))
-                h = h + (a if layer.attn_post_norm is None else layer.attn_post_norm(a))
-            if layer.feed_forward or layer.mlp_repair is not None:
-                u = layer.mlp_norm(x if self.parallel_residual else h)
-                m = layer.mlp(u) if layer.feed_forward else layer.mlp_repair(u)
-                h = h + (m if layer.mlp_post_norm is None else layer.mlp_post_norm(m))
+            h = self._residual_edits(h, layer.index, "resid_in", pos)
+            h = self._block(layer, h, pos)
+            h = self._residual_edits(h, layer.index, "resid_out", pos)
+        return h
+
+    def _block(self, layer: EngineLayer, h: torch.Tensor, pos: int) -> torch.Tensor:
+        if layer.block_repair is not None:
+            return h + layer.block_repair(h)
+        x = h  # a parallel residual feeds both sublayers the block's input
+        if layer.attention:
+            h = h + self._attention(layer, layer.attn_norm(h), pos)
+        elif layer.attn_repair is not None:
+            a = layer.attn_repair(layer.attn_norm(h))
+            h = h + (a if layer.attn_post_norm is None else layer.attn_post_norm(a))
+        if layer.feed_forward or layer.mlp_repair is not None:
+            u = layer.mlp_norm(x if self.parallel_residual else h)
+            m = layer.mlp(u) if layer.feed_forward else layer.mlp_repair(u)
+            h = h + (m if layer.mlp_post_norm is None else layer.mlp_post_norm(m))
         return h
 
     def generate(self, ids: list[int], max_new_tokens: int) -> GenerationStats:

@@ -1,7 +1,8 @@
 """Lowering a (composed) recipe to what the decode engine does per layer and per projection.
 
 The engine runs activation-sparsity rules inside its GEMV kernels (threshold, top-k, relative, statistical),
-output biases, and removed blocks and sublayers (skipped, with their KV cache; a repair in their place).
+output biases, removed blocks and sublayers (skipped, with their KV cache; a repair in their place), and
+interventions on the residual stream (steering vectors, ablations at resid_in / resid_out).
 Anything else is refused with a one-line error naming the recipe, before any weight is laid out.
 """
 
@@ -14,6 +15,9 @@ from actlab.errors import ConfigError
 from actlab.transforms.compose import members, validate
 from actlab.transforms.layers import LayerRecipe
 from actlab.transforms.sparsity import MaskRule, SparsityRecipe
+from actlab.transforms.steer import InterventionRecipe
+
+ENGINE_EDIT_KINDS = ("resid_in", "resid_out")
 
 
 @dataclass
@@ -26,6 +30,8 @@ class EnginePlan:
     skip_mlp: set[int] = field(default_factory=set)
     repairs: dict[str, dict[str, Any]] = field(default_factory=dict)  # removed part ("L3", "L3.attn") -> repair
     sparsity: list[SparsityRecipe] = field(default_factory=list)
+    # (layer, "resid_in" | "resid_out") -> the edits applied to the residual stream there, in order
+    resid_edits: dict[tuple[int, str], list[Any]] = field(default_factory=dict)
 
     @classmethod
     def lower(cls, lm: Any, recipe: Any | None) -> EnginePlan:
@@ -49,7 +55,20 @@ class EnginePlan:
                 plan.skip_blocks.update(part.blocks())
                 for i, sub in part.sublayers():
                     (plan.skip_attn if sub == "attn" else plan.skip_mlp).add(i)
+            elif isinstance(part, InterventionRecipe):
+                plan.add_interventions(lm, part)
             else:
-                raise ConfigError(f"the decode engine cannot run {part.describe()} yet (it runs sparsity and layer "
-                                  "recipes); evaluate it through hooks with `actlab eval`")
+                raise ConfigError(f"the decode engine cannot run {part.describe()} yet (it runs sparsity, layer and "
+                                  "intervention recipes); evaluate it through hooks with `actlab eval`")
         return plan
+
+    def add_interventions(self, lm: Any, recipe: InterventionRecipe) -> None:
+        from actlab.probe.sites import get_site
+
+        for edit in recipe.edits:
+            site = get_site(lm.adapter, edit.site, writable=True)
+            if site.kind not in ENGINE_EDIT_KINDS:
+                raise ConfigError(f"the decode engine runs interventions on the residual stream "
+                                  f"({', '.join(ENGINE_EDIT_KINDS)}); {edit.site} is not one: evaluate "
+                                  f"{recipe.describe()} through hooks with `actlab eval`")
+            self.resid_edits.setdefault((site.layer, site.kind), []).append((edit.edit(lm), site))

@@ -51,16 +51,24 @@ class Edit:
     op: Op
     heads: Sequence[int] | None = None  # only these heads of a head-structured site
     positions: PositionSpec = None  # None: every position
+    channels: Sequence[int] | None = None  # only these channels (neurons) of the flat view
 
     def apply(self, x: torch.Tensor, site: Site, ctx: ForwardContext) -> torch.Tensor:
-        if self.heads is None:
-            new = self.op(x, ctx)
-        else:
+        # an op on the whole view (a patch from another run) is computed whole and its selected part kept
+        whole = self.op(x, ctx) if getattr(self.op, "whole_view", False) else None
+        if self.heads is not None:
             n, hd = site.heads
             heads = torch.as_tensor(list(self.heads), dtype=torch.long, device=x.device)
             split = x.reshape(*x.shape[:-1], n, hd)
-            part = self.op(split.index_select(-2, heads), ctx)
+            part = (whole.reshape(split.shape).index_select(-2, heads) if whole is not None
+                    else self.op(split.index_select(-2, heads), ctx))
             new = split.index_copy(-2, heads, part.to(split.dtype)).reshape(x.shape)
+        elif self.channels is not None:
+            channels = torch.as_tensor(list(self.channels), dtype=torch.long, device=x.device)
+            part = whole.index_select(-1, channels) if whole is not None else self.op(x.index_select(-1, channels), ctx)
+            new = x.index_copy(-1, channels, part.to(x.dtype))
+        else:
+            new = whole if whole is not None else self.op(x, ctx)
         if self.positions is None:
             return new
         where = position_mask(self.positions, ctx, x)
@@ -104,6 +112,26 @@ def replace(value: torch.Tensor | float) -> Op:
     return lambda x, ctx: _on(value, x).expand_as(x).clone()
 
 
+class patch:  # noqa: N801 (an op constructor, like the functions above)
+    """Every selected position takes its value from another run: `source` is the site's flat view recorded there,
+    [batch or 1, tokens, channels], indexed by absolute position (so it also patches through a KV cache)."""
+
+    whole_view = True
+
+    def __init__(self, source: torch.Tensor):
+        self.source = source if source.dim() == 3 else source.reshape(1, *source.shape[-2:])
+
+    def __call__(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        end = ctx.offset + ctx.tokens
+        if self.source.shape[-2] < end or self.source.shape[-1] != x.shape[-1]:
+            raise ConfigError(f"the patch source is {self.source.shape[-2]} positions x {self.source.shape[-1]} "
+                              f"channels; this call needs positions up to {end} x {x.shape[-1]} channels")
+        src = self.source[:, ctx.offset:end].to(device=x.device, dtype=x.dtype)
+        if src.shape[0] not in (1, x.shape[0]):
+            raise ConfigError(f"the patch source has a batch of {src.shape[0]}, the run {x.shape[0]}")
+        return src.expand_as(x).clone()
+
+
 def _on(value: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor | float:
     return value.to(device=x.device, dtype=x.dtype) if torch.is_tensor(value) else value
 
@@ -120,14 +148,13 @@ class Editor(contextlib.AbstractContextManager):
         self._stack = contextlib.ExitStack()
         self._sites = [get_site(lm.adapter, e.site, writable=True) for e in self.edits]
         for edit, site in zip(self.edits, self._sites):
-            if edit.heads is not None and site.heads is None:
-                raise ConfigError(f"site {site.name} has no heads; per-head edits need one of the attention sites "
-                                  "(o_in, v, q_out, k_out, v_out)")
+            check_selection(edit, site)
 
     def __enter__(self) -> Editor:
         try:
-            self._stack.callback(self.lm.model.base_model.register_forward_pre_hook(
-                self._remember_call, with_kwargs=True).remove)
+            # the causal LM and its base model: some families (OPT) call their decoder without the base model
+            for module in dict.fromkeys([self.lm.model, self.lm.model.base_model]):
+                self._stack.callback(module.register_forward_pre_hook(self._remember_call, with_kwargs=True).remove)
             by_site: dict[str, tuple[Site, list[Edit]]] = {}
             for edit, site in zip(self.edits, self._sites):
                 by_site.setdefault(site.name, (site, []))[1].append(edit)
@@ -179,6 +206,27 @@ class Editor(contextlib.AbstractContextManager):
 
             return site.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
         return site.module.register_forward_hook(lambda _m, _a, out: run(out))
+
+
+def check_selection(edit: Edit, site: Site) -> None:
+    """Heads and channels that the site has (one-line errors before any hook is registered)."""
+    if edit.heads is not None and edit.channels is not None:
+        raise ConfigError(f"{site.name}: an edit selects heads or channels, not both")
+    if edit.heads is not None:
+        if site.heads is None:
+            raise ConfigError(f"site {site.name} has no heads; per-head edits need one of the attention sites "
+                              "(o_in, v, q_out, k_out, v_out)")
+        _check_indices(edit.heads, site.heads[0], f"{site.name}: head", "heads")
+    if edit.channels is not None:
+        _check_indices(edit.channels, site.channels, f"{site.name}: channel", "channels")
+
+
+def _check_indices(indices: Sequence[int], count: int, what: str, plural: str) -> None:
+    if not len(indices):
+        raise ConfigError(f"{what} list is empty")
+    bad = [i for i in indices if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < count]
+    if bad:
+        raise ConfigError(f"{what} {bad[0]!r} out of range: the site has {count} {plural} (0..{count - 1})")
 
 
 def _cache_length(kwargs: dict[str, Any]) -> int:

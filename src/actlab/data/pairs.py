@@ -1,0 +1,138 @@
+"""Prompt pairs, one JSON object per line: contrastive pairs for steering and clean/corrupted pairs for patching.
+
+    contrastive   {"positive": "...(A", "negative": "...(B"}         the two sides of one behaviour
+    patching      {"clean": "...", "corrupt": "...", "answer": " Paris", "wrong": " Rome"}
+
+Built-in sets are generated from templates, deterministically: `sentiment` (A/B questions whose positive side
+picks the cheerful answer, CAA's format) and `arc-easy` (an ARC-Easy question with its correct answer vs a wrong
+one). A file is named by its path, a built-in set by `builtin:NAME`, optionally with `:train` / `:test` for
+the even / odd items.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from actlab.errors import ConfigError
+
+CONTRAST_FIELDS = ("positive", "negative")
+PATCH_FIELDS = ("clean", "corrupt", "answer", "wrong")
+HALVES = ("train", "test")
+
+
+@dataclass(frozen=True)
+class ContrastPair:
+    positive: str
+    negative: str
+
+
+@dataclass(frozen=True)
+class PatchPair:
+    clean: str
+    corrupt: str
+    answer: str
+    wrong: str
+
+
+def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[dict[str, str]]:
+    """Rows of a jsonl file that each have every field as a non-empty string (one-line errors naming the line)."""
+    path = Path(path).expanduser()
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read pairs file {path}: {exc.strerror or exc}") from exc
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{number}: not JSON ({exc.msg})") from exc
+        missing = [f for f in fields if not isinstance(row, dict) or not isinstance(row.get(f), str) or not row[f]]
+        if missing:
+            raise ConfigError(f"{path}:{number}: missing {', '.join(missing)} (each line needs "
+                              f"{', '.join(fields)} as non-empty strings)")
+        rows.append(row)
+    if not rows:
+        raise ConfigError(f"pairs file {path} holds no pairs")
+    return rows
+
+
+def load_contrast_pairs(spec: str) -> list[ContrastPair]:
+    if spec.startswith("builtin:"):
+        return builtin_pairs(spec)
+    return [ContrastPair(r["positive"], r["negative"]) for r in read_jsonl(spec, CONTRAST_FIELDS)]
+
+
+def load_patch_pairs(path: str) -> list[PatchPair]:
+    return [PatchPair(*(r[f] for f in PATCH_FIELDS)) for r in read_jsonl(path, PATCH_FIELDS)]
+
+
+def split_half(pairs: list, half: str | None) -> list:
+    """Even items (train) or odd items (test): a split that keeps neighbouring items apart."""
+    if half is None:
+        return pairs
+    if half not in HALVES:
+        raise ConfigError(f"pair set half {half!r}: one of {', '.join(HALVES)}")
+    return pairs[HALVES.index(half)::2]
+
+
+# -- built-in sets ----------------------------------------------------------------------------------------
+
+TOPICS = ("the weather today", "your new job", "the city you live in", "the book you just read", "your neighbours",
+          "the food at the restaurant", "the film last night", "your morning commute", "the holiday trip",
+          "the new phone", "your garden", "the concert", "the school year", "the team's last match",
+          "the house you moved into", "the weekend", "the museum visit", "your birthday party", "the train journey",
+          "the new song", "the hotel room", "the football season", "the long walk", "the cooking class",
+          "your old car", "the local market", "the winter", "the family dinner", "the hiking trail", "the new cafe",
+          "the art exhibition", "the summer camp", "the library", "the beach", "the music lesson", "your new bike",
+          "the board game", "the theatre play", "the morning run", "the village fair")
+CHEERFUL = ("I love it, it makes me so happy.", "It is wonderful and I enjoy every moment.",
+            "It is great, I feel delighted.", "Absolutely fantastic, I am thrilled.")
+GLOOMY = ("I hate it, it makes me miserable.", "It is awful and I dread every moment.",
+          "It is terrible, I feel upset.", "Absolutely dreadful, I am disappointed.")
+
+
+def sentiment_pairs(seed: int = 0) -> list[ContrastPair]:
+    """A/B questions (CAA's format): the same question and options, the answer letter of the cheerful option on
+    the positive side and of the gloomy one on the negative; which letter is cheerful alternates at random."""
+    rng = random.Random(seed)
+    pairs = []
+    for i, topic in enumerate(TOPICS):
+        good, bad = CHEERFUL[i % len(CHEERFUL)], GLOOMY[(i // len(CHEERFUL)) % len(GLOOMY)]
+        good_first = rng.random() < 0.5
+        a, b = (good, bad) if good_first else (bad, good)
+        prompt = f"Question: How do you feel about {topic}?\n(A) {a}\n(B) {b}\nAnswer: ("
+        letters = ("A", "B") if good_first else ("B", "A")
+        pairs.append(ContrastPair(prompt + letters[0], prompt + letters[1]))
+    return pairs
+
+
+def arc_easy_pairs(seed: int = 0) -> list[ContrastPair]:
+    """ARC-Easy test questions as statements: the correct answer vs one wrong answer chosen at random."""
+    from actlab.data.tasks import items, load_task
+
+    rng = random.Random(seed)
+    pairs = []
+    for item in items(load_task("arc_easy")):
+        wrong = [c for i, c in enumerate(item.choices) if i != item.target]
+        if not wrong:
+            continue
+        context = item.context.rstrip()
+        pairs.append(ContrastPair(f"{context} {item.choices[item.target]}", f"{context} {rng.choice(wrong)}"))
+    return pairs
+
+
+BUILTIN = {"sentiment": sentiment_pairs, "arc-easy": arc_easy_pairs}
+
+
+def builtin_pairs(spec: str) -> list[ContrastPair]:
+    _, name, *rest = spec.split(":")
+    if name not in BUILTIN or len(rest) > 1:
+        raise ConfigError(f"unknown pair set {spec!r}; built-in sets: "
+                          f"{', '.join(f'builtin:{n}[:train|:test]' for n in BUILTIN)}")
+    return split_half(BUILTIN[name](), rest[0] if rest else None)
