@@ -632,6 +632,72 @@ def steer_sweep_cmd(
     _emit(out, as_json, sweep_table(out))
 
 
+@app.command("patch")
+def patch_cmd(
+    pairs: Annotated[str, typer.Option(help="a jsonl of {clean, corrupt, answer, wrong}: prompts of one token length")],
+    out: Annotated[str, typer.Option(help="the run directory to write (results.json, CSVs, heatmaps, report.html)")],
+    model: ModelOpt = DEFAULT_MODEL,
+    metric: Annotated[str, typer.Option(help="logit-diff (answer minus wrong at the last position) or loss")]
+    = "logit-diff",
+    tables: Annotated[str, typer.Option(help="resid (layer x position), heads (layer x head), mlp (layer x "
+                                             "position), comma-separated")] = "resid,heads,mlp",
+    attribution_only: Annotated[bool, typer.Option("--attribution-only", help="only the one-backward-pass "
+                                                   "estimate (attribution patching), no exact patching")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing directory")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Activation patching (clean activations into the corrupted run, one at a time) and attribution patching.
+
+    \b
+    Examples:
+      actlab patch --pairs ioi.jsonl --metric logit-diff --out runs/patch-ioi
+      actlab patch --pairs ioi.jsonl --tables heads --attribution-only --out runs/attr
+    """
+    from actlab.jobs.patch import patch_job
+
+    result = patch_job(model, pairs=pairs, out=out, metric=metric, tables=tables, exact=not attribution_only,
+                       overwrite=overwrite, log=_log)
+    lines = [f"{result['model']}: {result['n_pairs']} pairs x {result['tokens']} tokens, {result['metric']} -> "
+             f"{result['out']}/report.html"]
+    for table, top in result["top"].items():
+        corr = result.get("correlation", {}).get(table)
+        lines.append(f"  {table}: strongest " + ", ".join(
+            f"L{t['layer']}/{next(k for k in t if k not in ('layer', 'effect'))[0]}"
+            f"{t[next(k for k in t if k not in ('layer', 'effect'))]} {t['effect']:+.3f}" for t in top[:3])
+            + (f"; attribution vs exact r = {corr:.3f}" if corr is not None else ""))
+    _emit(result, as_json, "\n".join(lines))
+
+
+@app.command("ablate")
+def ablate_cmd(
+    part: Annotated[list[str], typer.Option("--part", help="a part to ablate, repeatable: L3.attn.head5, "
+                                                           "'L5.act[12,40]' (neurons), L6.attn, L6.mlp, L2.resid_out")],
+    model: ModelOpt = DEFAULT_MODEL,
+    kind: Annotated[str, typer.Option(help="zero, mean (over the evaluation windows) or resample (another "
+                                           "window's activation)")] = "mean",
+    together: Annotated[bool, typer.Option("--together", help="ablate every part at once (default: one by one)")]
+    = False,
+    eval_data: EvalDataOpt = "wikitext2:test",
+    seq_len: SeqLenOpt = 512,
+    windows: WindowsOpt = 8,
+    as_json: JsonOpt = False,
+) -> None:
+    """The loss change from ablating parts of the model (paired per-window standard errors).
+
+    \b
+    Examples:
+      actlab ablate --part L3.attn.head5 --part L6.mlp --kind mean
+      actlab ablate --part 'L2.resid_out[10,400]' --kind zero --together --json
+    """
+    from actlab.jobs.ablate import ablate_job
+
+    out = ablate_job(model, parts=part, kind=kind, together=together, eval_data=eval_data, seq_len=seq_len,
+                     windows=windows, log=_log)
+    _emit(out, as_json, "\n".join(
+        f"{' + '.join(r['parts'])}: {out['kind']} ablation, loss {r['loss_dense']:.4f} -> {r['loss']:.4f} "
+        f"({r['delta']:+.4f} ± {r['stderr']:.4f}), ppl {r['ppl_dense']:.3f} -> {r['ppl']:.3f}" for r in out["rows"]))
+
+
 def _finite(option: str, value: float) -> None:
     import math
 

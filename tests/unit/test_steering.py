@@ -113,3 +113,31 @@ def test_train_job_saves_the_vectors_it_computed_and_the_sweep_starts_from_the_p
     with attach(tiny_llama, with_coeff(recipe, 3.0)):
         assert abs(swept["rows"][1]["p_positive"][0] - brute(tiny_llama)) < 1e-5
     assert swept["rows"][1]["p_positive"][0] != swept["rows"][0]["p_positive"][0]
+
+
+def test_control_vector_gguf_holds_coeff_times_direction_per_layer(tiny_llama, tmp_path):
+    """The file repeng and llama.cpp read: architecture controlvector, direction.{layer} = coeff x vector."""
+    import gguf
+
+    from actlab.export import export_gguf
+    from actlab.transforms.steer import InterventionRecipe, SiteEdit
+
+    d = tiny_llama.adapter.hidden_size
+    v1, v2 = torch.randn(d), torch.randn(d)
+    recipe = InterventionRecipe("pca-diff", tiny_llama.identity.to_dict(),
+                                [SiteEdit("L1.resid_out", "add", v1, 3.0), SiteEdit("L2.resid_out", "add", v2, -2.0)])
+    out = export_gguf(tiny_llama, recipe, tmp_path / "vec.gguf")
+    assert out["arch"] == "controlvector" and out["tensors"] == 2
+    reader = gguf.GGUFReader(str(tmp_path / "vec.gguf"))
+    arch = reader.get_field("general.architecture")
+    assert bytes(arch.parts[-1]).decode() == "controlvector"
+    assert bytes(reader.get_field("controlvector.model_hint").parts[-1]).decode() == "llama"
+    got = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+    torch.testing.assert_close(got["direction.1"], 3.0 * v1)
+    torch.testing.assert_close(got["direction.2"], -2.0 * v2)
+    for bad, message in ((SiteEdit("L0.resid_out", "add", v1), "layer 0"),
+                         (SiteEdit("L1.resid_out", "add", v1, positions=[-1]), "every position"),
+                         (SiteEdit("L1.mlp_in", "add", v1), "--format hf")):
+        with pytest.raises(ConfigError, match=message):
+            export_gguf(tiny_llama, InterventionRecipe("m", tiny_llama.identity.to_dict(), [bad]),
+                        tmp_path / f"bad{len(message)}.gguf")

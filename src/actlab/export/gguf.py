@@ -69,12 +69,15 @@ def export_gguf(lm: Any, recipe: Any | None, out: str | Path, dtype: str = "f32"
     import gguf
 
     from actlab.export.hf import folded_model, plan_export
+    from actlab.transforms.steer import InterventionRecipe
 
     out = Path(out).expanduser()
     if out.suffix.lower() != ".gguf":
         raise ConfigError(f"--out {out}: a GGUF export is one file; give a path ending in .gguf")
     if out.exists():
         raise ConfigError(f"{out} already exists")
+    if isinstance(recipe, InterventionRecipe):
+        return export_control_vector(lm, recipe, out)
     cfg = lm.model.config
     family = GGUF_FAMILIES.get(cfg.model_type)
     if family is None:
@@ -234,3 +237,41 @@ def _bpe_tokenizer(writer: Any, tokenizer: Any) -> None:
             add(int(value))
     probe = tokenizer("a")["input_ids"]
     writer.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
+
+
+def export_control_vector(lm: Any, recipe: Any, out: Path) -> dict[str, Any]:
+    """A steering recipe as llama.cpp's control-vector GGUF (the format repeng writes): architecture
+    "controlvector", one `direction.{i}` per layer i, added to the output of layer i (the coefficient folded in;
+    llama.cpp's --control-vector-scaled multiplies again). llama.cpp has no slot for layer 0's output."""
+    import gguf
+
+    from actlab.models.keys import split_key
+
+    recipe.check_model(lm)
+    directions: dict[int, torch.Tensor] = {}
+    for edit in recipe.edits:
+        layer, kind = split_key(edit.site) if edit.site.startswith("L") else (None, edit.site)
+        if (edit.op != "add" or kind != "resid_out" or edit.heads is not None or edit.channels is not None
+                or edit.positions is not None):
+            raise ConfigError(f"a control vector adds one vector to layer outputs at every position; {edit.site} "
+                              f"({edit.op}{', some heads, channels or positions' if edit.op == 'add' else ''}) is "
+                              "not that: export this recipe with --format hf")
+        if layer == 0:
+            raise ConfigError("llama.cpp's control vectors cannot steer layer 0's output (direction.0 is refused "
+                              "by its loader); train from layer 1 on")
+        vector = edit.coeff * edit.value.float()
+        directions[layer] = directions[layer] + vector if layer in directions else vector
+    with atomic_path(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), "controlvector")
+        writer.add_string("controlvector.model_hint", lm.model.config.model_type)
+        writer.add_uint32("controlvector.layer_count", len(directions))
+        for layer in sorted(directions):
+            writer.add_tensor(f"direction.{layer}", np.ascontiguousarray(directions[layer].numpy()))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return {"path": str(out), "format": "gguf", "arch": "controlvector", "tensors": len(directions),
+            "dtype": "f32", "folded": [], "embedded": [recipe.describe()],
+            "notes": [f"llama.cpp control vector: layers {', '.join(map(str, sorted(directions)))} "
+                      "(llama-cli --control-vector FILE)"]}
