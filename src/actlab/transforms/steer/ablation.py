@@ -55,8 +55,9 @@ def window_nll(lm: Any, windows: torch.Tensor, batch_size: int = 4) -> list[floa
     return out
 
 
-def ablation_edits(lm: Any, part: str, kind: str, windows: torch.Tensor) -> list[SiteEdit]:
-    """The edits that ablate `part` by `kind` (mean: measured on `windows`)."""
+def ablation_edits(lm: Any, part: str, kind: str, windows: torch.Tensor,
+                   positions: list[int] | None = None) -> list[SiteEdit]:
+    """The edits that ablate `part` by `kind` (mean: measured on `windows`), at `positions` (None: all)."""
     from actlab.probe.sites import get_site
 
     if kind not in KINDS:
@@ -64,19 +65,19 @@ def ablation_edits(lm: Any, part: str, kind: str, windows: torch.Tensor) -> list
     target = part_target(part)
     site_name = parse_target(target)[0]
     if kind == "zero":
-        return [bind(target, SiteEdit("", "zero"), lm)]
+        return [bind(target, SiteEdit("", "zero", positions=positions), lm)]
     site = get_site(lm.adapter, site_name, writable=True)
     if kind == "mean":
-        probe = bind(target, SiteEdit("", "zero"), lm)
+        probe = bind(target, SiteEdit("", "zero", positions=positions), lm)
         means = _select(site_means(lm, windows, [site_name])[site_name], probe, site)
         return [dataclasses.replace(probe, op="mean", value=means)]
     return []  # resample: per window, see loss_change
 
 
 def loss_change(lm: Any, windows: torch.Tensor, parts: list[str], kind: str,
-                dense: list[float] | None = None) -> dict[str, Any]:
-    """Mean NLL over `windows` without and with every part in `parts` ablated together; the difference with the
-    standard error of the paired per-window differences."""
+                dense: list[float] | None = None, positions: list[int] | None = None) -> dict[str, Any]:
+    """Mean NLL over `windows` without and with every part in `parts` ablated together (at `positions`, or
+    every position); the difference with the standard error of the paired per-window differences."""
     if len(windows) < 2 and kind == "resample":
         raise ConfigError("resample ablation takes the activation from another window: give at least two windows")
     dense = dense if dense is not None else window_nll(lm, windows)
@@ -88,11 +89,11 @@ def loss_change(lm: Any, windows: torch.Tensor, parts: list[str], kind: str,
             for part in parts:
                 target = part_target(part)
                 site_name = parse_target(target)[0]
-                edits[target] = SiteEdit("", "patch", record(lm, donor, [site_name])[site_name])
+                edits[target] = SiteEdit("", "patch", record(lm, donor, [site_name])[site_name], positions=positions)
             with intervene(lm, edits):
                 ablated += window_nll(lm, windows[k:k + 1])
     else:
-        edits = [e for part in parts for e in ablation_edits(lm, part, kind, windows)]
+        edits = [e for part in parts for e in ablation_edits(lm, part, kind, windows, positions)]
         with Editor(lm, [e.edit(lm) for e in edits]):
             ablated = window_nll(lm, windows)
     diffs = [a - d for a, d in zip(ablated, dense)]
