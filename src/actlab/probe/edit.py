@@ -153,7 +153,7 @@ class Editor(contextlib.AbstractContextManager):
     def __enter__(self) -> Editor:
         try:
             # the causal LM and its base model: some families (OPT) call their decoder without the base model
-            for module in dict.fromkeys([self.lm.model.base_model]):
+            for module in dict.fromkeys([self.lm.model, self.lm.model.base_model]):
                 self._stack.callback(module.register_forward_pre_hook(self._remember_call, with_kwargs=True).remove)
             by_site: dict[str, tuple[Site, list[Edit]]] = {}
             for edit, site in zip(self.edits, self._sites):
