@@ -17,8 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from peers import peer_python
+
 ROOT = Path(__file__).resolve().parents[1]
-VENV = ROOT / "bench" / ".venvs" / "llama-cpp"
 PROMPT = "The history of the city begins in the early middle ages, when"
 
 RUNNER = r"""
@@ -37,13 +38,7 @@ print(json.dumps({"tokens": out, "prompt_ids": own}))
 
 
 def llama_cpp_python() -> Path:
-    python = VENV / "bin" / "python"
-    if not (VENV / ".installed").is_file():
-        print(f"creating {VENV} and building llama-cpp-python from source (once, several minutes) ...", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "llama-cpp-python", "numpy"], check=True)
-        (VENV / ".installed").touch()
-    return python
+    return peer_python("llama-cpp", "llama-cpp-python", "numpy", note=", llama.cpp builds from source: minutes")
 
 
 def main() -> None:

@@ -29,22 +29,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from peers import TORCH_SPEC, peer_python
+
 ROOT = Path(__file__).resolve().parents[1]
-VENV = ROOT / "bench" / ".venvs" / "lm-eval"
-TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
 LM_EVAL_SPEC = "lm-eval[hf]>=0.4,<0.5"
 TASKS = "arc_easy,arc_challenge,piqa,hellaswag,lambada"
 
 
 def lm_eval_python() -> Path:
-    python = VENV / "bin" / "python"
-    if not (VENV / ".installed").is_file():
-        print(f"creating {VENV} with {TORCH_SPEC} and {LM_EVAL_SPEC} (once) ...", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-        for spec in (TORCH_SPEC, LM_EVAL_SPEC):
-            subprocess.run([str(python), "-m", "pip", "install", "-q", spec], check=True)
-        (VENV / ".installed").touch()
-    return python
+    return peer_python("lm-eval", TORCH_SPEC, LM_EVAL_SPEC)
 
 
 def lm_eval_yaml(spec, data_file: Path) -> str:

@@ -634,7 +634,8 @@ def steer_sweep_cmd(
 
 @app.command("patch")
 def patch_cmd(
-    pairs: Annotated[str, typer.Option(help="a jsonl of {clean, corrupt, answer, wrong}: prompts of one token length")],
+    pairs: Annotated[str, typer.Option(help="a jsonl of {clean, corrupt, answer, wrong} (prompts of one token "
+                                              "length), or builtin:ioi")],
     out: Annotated[str, typer.Option(help="the run directory to write (results.json, CSVs, heatmaps, report.html)")],
     model: ModelOpt = DEFAULT_MODEL,
     metric: Annotated[str, typer.Option(help="logit-diff (answer minus wrong at the last position) or loss")]
@@ -650,7 +651,7 @@ def patch_cmd(
 
     \b
     Examples:
-      actlab patch --pairs ioi.jsonl --metric logit-diff --out runs/patch-ioi
+      actlab patch --pairs builtin:ioi --metric logit-diff --out runs/patch-ioi
       actlab patch --pairs ioi.jsonl --tables heads --attribution-only --out runs/attr
     """
     from actlab.jobs.patch import patch_job

@@ -7,6 +7,7 @@ comment says "refused" must fail with a one-line error, every other line must su
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -19,8 +20,9 @@ import yaml
 from ..conftest import shared_data
 
 ROOT = Path(__file__).resolve().parents[2]
-TAKES_MODEL = {"ppl", "profile", "sparsify", "sparsity-at-ppl", "eval", "export", "bench", "layers", "steer"}
-SEQ_LEN = {"ppl", "profile", "sparsify", "sparsity-at-ppl", "layers"}
+TAKES_MODEL = {"ppl", "profile", "sparsify", "sparsity-at-ppl", "eval", "export", "bench", "layers", "steer", "patch",
+               "ablate"}
+SEQ_LEN = {"ppl", "profile", "sparsify", "sparsity-at-ppl", "layers", "ablate"}
 TINY = {"smollm2-135m": "tiny-llama", "gemma3-270m": "tiny-gemma3"}
 
 
@@ -53,9 +55,11 @@ def scaled(command: str) -> list[str]:
             out += [arg, str(max(128, int(value) // 256))]
         elif arg in ("--windows", "--limit"):
             out += [arg, "3"]
-        elif arg == "--layers":  # the tiny models have three layers
-            out += [arg, "0-2"]
-        elif arg == "--remove":
+        elif arg == "--layers":  # the tiny models have three layers (a control vector has none for layer 0)
+            out += [arg, "1-2"]
+        elif arg == "--pairs" and value == "builtin:ioi":  # its answers share a first byte in the tiny vocabulary
+            out += [arg, "ioi.jsonl"]
+        elif arg in ("--remove", "--part"):
             out += [arg, re.sub(r"L(\d+)", lambda m: f"L{int(m.group(1)) % 3}", value)]
         elif arg in ("--data", "--calib", "--eval") and value and value.startswith("../shared/"):
             out += [arg, str(ROOT.parent / value[3:])]
@@ -88,6 +92,10 @@ def test_every_readme_command_runs(tmp_path):
     task = yaml.safe_load((ROOT / "src/actlab/data/tasks/arc_easy.yaml").read_text())
     task["task"] = "my_task"  # "a task of your own": a copy of a built-in one
     (tmp_path / "my_task.yaml").write_text(yaml.safe_dump(task))
+    names = (("Ann", "Bob"), ("Cat", "Dan"))
+    (tmp_path / "ioi.jsonl").write_text("".join(
+        json.dumps({"clean": f"When {a} and {b} met, {b} gave it to ", "answer": a, "wrong": b,  # bytes: no space
+                    "corrupt": f"When {a} and {b} met, {a} gave it to "}) + "\n" for a, b in names))
     for command, refused in commands:
         args = scaled(command)
         out = subprocess.run([sys.executable, "-m", "actlab.cli", *args], cwd=tmp_path, capture_output=True, text=True)
@@ -100,6 +108,7 @@ def test_every_readme_command_runs(tmp_path):
     assert (tmp_path / "runs" / "gemma-both" / "report.html").is_file()
     assert (tmp_path / "runs" / "eval" / "compare.html").is_file()
     assert (tmp_path / "pruned" / "config.json").is_file() and (tmp_path / "smollm2.gguf").is_file()
+    assert (tmp_path / "runs" / "patch-ioi" / "report.html").is_file() and (tmp_path / "happy.gguf").is_file()
     shutil.rmtree(tmp_path / "runs")
 
 

@@ -49,11 +49,13 @@ def test_complete_run_layout(tmp_path, tiny_llama):
     for name, cols in {"layers": {"block_influence", "logit_lens_loss", "resid_max_abs"},
                        "heads": {"first_token_mass", "entropy"}, "channels": {"mean", "std", "max"},
                        "top_activations": {"value", "channel", "window", "position", "token"},
-                       "sparsity": {"eps", "fraction_below"}, "neurons": {"dead", "always_on"}}.items():
+                       "sparsity": {"eps", "fraction_below"}, "neurons": {"dead", "always_on"},
+                       "neuron_tokens": {"layer", "neuron", "promotes", "suppresses", "frequency"}}.items():
         table = pd.read_parquet(tmp_path / "r" / "tables" / f"{name}.parquet")
         assert cols <= set(table.columns) and len(table)
     html = (tmp_path / "r" / "report.html").read_text()
     assert "actlab profile" in html and "http://" not in html.split("<pre")[0] and "https://" not in html
+    assert 'id="neuron-token-table"' in html
     assert not (tmp_path / "r" / ".lock").exists()
 
 

@@ -5,8 +5,8 @@
 
 Built-in sets are generated from templates, deterministically: `sentiment` (A/B questions whose positive side
 picks the cheerful answer, CAA's format) and `arc-easy` (an ARC-Easy question with its correct answer vs a wrong
-one). A file is named by its path, a built-in set by `builtin:NAME`, optionally with `:train` / `:test` for
-the even / odd items.
+one) for steering; `ioi` (indirect-object identification, clean vs names swapped) for patching. A file is named
+by its path, a built-in set by `builtin:NAME`, optionally with `:train` / `:test` for the even / odd items.
 """
 
 from __future__ import annotations
@@ -64,12 +64,14 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[dict[str, str]
 
 def load_contrast_pairs(spec: str) -> list[ContrastPair]:
     if spec.startswith("builtin:"):
-        return builtin_pairs(spec)
+        return builtin_pairs(spec, BUILTIN)
     return [ContrastPair(r["positive"], r["negative"]) for r in read_jsonl(spec, CONTRAST_FIELDS)]
 
 
-def load_patch_pairs(path: str) -> list[PatchPair]:
-    return [PatchPair(*(r[f] for f in PATCH_FIELDS)) for r in read_jsonl(path, PATCH_FIELDS)]
+def load_patch_pairs(spec: str) -> list[PatchPair]:
+    if spec.startswith("builtin:"):
+        return builtin_pairs(spec, PATCH_BUILTIN)
+    return [PatchPair(*(r[f] for f in PATCH_FIELDS)) for r in read_jsonl(spec, PATCH_FIELDS)]
 
 
 def split_half(pairs: list, half: str | None) -> list:
@@ -127,12 +129,35 @@ def arc_easy_pairs(seed: int = 0) -> list[ContrastPair]:
     return pairs
 
 
+# one length in letters per slot, so that a byte-level tokenizer lines the positions up as well
+NAMES = (" Mary", " John", " Anna", " Paul", " Mark", " Jack", " Lucy", " Kate")
+PLACES = (" store", " beach", " house", " party", " field", " hotel", " court", " lodge")
+THINGS = (" book", " ball", " gift", " cake")
+
+
+def ioi_pairs(seed: int = 0) -> list[PatchPair]:
+    """Indirect-object identification (Wang et al. 2023), one template so every prompt has one length: "When A and
+    B went to the P, B gave a T to" -> A (clean); the corrupted prompt repeats A instead, which flips the answer to
+    B. The metric is the logit of A over B. Names, places and things are single tokens in common vocabularies."""
+    rng = random.Random(seed)
+    pairs = []
+    for n in range(16):
+        a, b = rng.sample(NAMES, 2)
+        place, thing = PLACES[n % len(PLACES)], THINGS[n % len(THINGS)]
+        start = f"When{a} and{b} went to the{place},"
+        end = f" gave a{thing} to"
+        pairs.append(PatchPair(start + b + end, start + a + end, a, b))
+    return pairs
+
+
 BUILTIN = {"sentiment": sentiment_pairs, "arc-easy": arc_easy_pairs}
+PATCH_BUILTIN = {"ioi": ioi_pairs}
 
 
-def builtin_pairs(spec: str) -> list[ContrastPair]:
+def builtin_pairs(spec: str, sets: dict | None = None) -> list:
+    sets = BUILTIN if sets is None else sets
     _, name, *rest = spec.split(":")
-    if name not in BUILTIN or len(rest) > 1:
+    if name not in sets or len(rest) > 1:
         raise ConfigError(f"unknown pair set {spec!r}; built-in sets: "
-                          f"{', '.join(f'builtin:{n}[:train|:test]' for n in BUILTIN)}")
-    return split_half(BUILTIN[name](), rest[0] if rest else None)
+                          f"{', '.join(f'builtin:{n}[:train|:test]' for n in sets)}")
+    return split_half(sets[name](), rest[0] if rest else None)

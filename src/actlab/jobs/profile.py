@@ -226,9 +226,12 @@ def _profile_into(run, previous, model, data, tokens, seq_len, options, overwrit
 def finish(run: RunDirectory, profiler: Profiler, manifest: dict[str, Any]) -> None:
     """Write the tables, mark the run complete (its statistics are), then render the report from them (should
     that fail, `actlab report` renders it again without re-running anything)."""
+    from actlab.analyze.neurons import neuron_tokens
     from actlab.report.html import render_report
 
     tables = profiler.tables()
+    if "neurons" in tables:  # which neurons fire comes from the run; what they write, from the weights
+        tables["neuron_tokens"] = neuron_tokens(profiler.lm, tables["neurons"])
     run.write_tables(tables)
     finished = {**manifest, "status": "complete", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     run.write_manifest(finished)

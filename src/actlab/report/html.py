@@ -85,6 +85,7 @@ def render_report(manifest: dict[str, Any], tables: dict[str, pd.DataFrame]) -> 
         figures=figures,
         massive_rows=massive_rows,
         sink_rows=sinks.head(SINK_ROWS).to_dict("records") if len(sinks) else [],
+        neuron_token_rows=tables.get("neuron_tokens", pd.DataFrame()).to_dict("records"),
         manifest_json=json.dumps({k: v for k, v in manifest.items() if k not in ("sites", "statistics")}, indent=2,
                                  default=str),
     )

@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from actlab.probe.stats.frequency import middle_frequency_column  # noqa: E402
+
 SPARSITY_KINDS = ("attn_in", "o_in", "mlp_in", "down_in")
 
 
@@ -90,7 +92,7 @@ def sparsity_per_layer(t: dict[str, pd.DataFrame]) -> bytes:
 
 def neuron_frequency(t: dict[str, pd.DataFrame]) -> bytes:
     n = t["neurons"]
-    col = [c for c in n.columns if c.startswith("freq_")][len([c for c in n.columns if c.startswith("freq_")]) // 2]
+    col = middle_frequency_column(n.columns)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.4))
     a.hist(n[col], bins=50, color="#4c72b0")
     a.set_yscale("log")

@@ -14,6 +14,14 @@ DEAD_BELOW = 1e-3  # frequency under which a neuron is reported dead
 ALWAYS_ON_ABOVE = 0.999
 
 
+def middle_frequency_column(columns) -> str:
+    """The neurons table's `freq_<eps>` column at the middle threshold: the one `dead` and `always_on` use."""
+    freq = [c for c in columns if str(c).startswith("freq_")]
+    if not freq:
+        raise KeyError("the neurons table has no freq_<eps> columns")
+    return freq[len(freq) // 2]
+
+
 class NeuronFrequency(Statistic):
     name = "frequency"
     rules = {"active": "sum", "n": "sum"}
@@ -61,7 +69,7 @@ class NeuronFrequency(Statistic):
             df.insert(0, "neuron", range(len(df)))
             df.insert(0, "layer", layer_of(key))
             df.insert(0, "site", key)
-            mid = f"freq_{self.eps[len(self.eps) // 2]:g}"
+            mid = middle_frequency_column(df.columns)
             df["dead"] = df[mid] < DEAD_BELOW
             df["always_on"] = df[mid] > ALWAYS_ON_ABOVE
             frames.append(df)
