@@ -2,6 +2,7 @@
 llama-cpp-python) against actlab's (HF generate on the same float32 weights), on the same prompt tokens.
 
     python bench/gguf_llama_cpp.py [--models smollm2-135m,gemma3-270m] [--tokens 32] [--recipe R]
+    python bench/gguf_llama_cpp.py --models smollm2-135m --control-vector happy.json   # steering in llama.cpp
 
 llama-cpp-python is installed in its own virtual environment (bench/.venvs/llama-cpp, built from source on first
 use; never an actlab dependency). The prompt is tokenized by both tools and the token ids compared; llama.cpp
@@ -25,8 +26,21 @@ PROMPT = "The history of the city begins in the early middle ages, when"
 RUNNER = r"""
 import json, sys
 from llama_cpp import Llama
-path, prompt, ids, tokens = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+path, prompt, ids, tokens, cvec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 llm = Llama(model_path=path, n_ctx=512, n_threads=2, verbose=False)
+if cvec:  # as llama.cpp's common loader does: direction.{il} -> row il - 1 of an [n_layer - 1, n_embd] buffer
+    import ctypes
+    import gguf, llama_cpp
+    import numpy as np
+    n_embd, n_layer = llm.n_embd(), llama_cpp.llama_model_n_layer(llm.model)
+    buf = np.zeros((n_layer - 1, n_embd), dtype=np.float32)
+    for tensor in gguf.GGUFReader(cvec).tensors:
+        il = int(tensor.name.split(".")[1])
+        buf[il - 1] += np.asarray(tensor.data, dtype=np.float32).reshape(-1)
+    data = buf.reshape(-1)
+    rc = llama_cpp.llama_set_adapter_cvec(llm.ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), data.size,
+                                          n_embd, 1, n_layer - 1)
+    assert rc == 0, f"llama_set_adapter_cvec returned {rc}"
 own = llm.tokenize(prompt.encode(), add_bos=llm.metadata.get("tokenizer.ggml.add_bos_token") == "true")
 out = []
 for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
@@ -46,8 +60,14 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--recipe", default=None, help="export with this recipe (one that folds into weights)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gguf_llama_cpp.json"))
+    ap.add_argument("--control-vector", default=None,
+                    help="a steering recipe: exported as a control-vector GGUF that llama.cpp applies to the dense "
+                         "model, against actlab with the recipe attached")
+    ap.add_argument("--out", default=None, help="default bench/results/gguf_llama_cpp.json (gguf_control_vector.json "
+                                                "with --control-vector)")
     args = ap.parse_args()
+    args.out = args.out or str(ROOT / "bench" / "results" / ("gguf_control_vector.json" if args.control_vector
+                                                              else "gguf_llama_cpp.json"))
     sys.path.insert(0, str(ROOT / "src"))
     import actlab
     from actlab.engine.reference import hf_generate
@@ -60,15 +80,22 @@ def main() -> None:
     for model in args.models.split(","):
         lm = actlab.load_model(model)
         recipe = load_recipe(args.recipe) if args.recipe else None
-        path = work / f"{model}.gguf"
-        export_gguf(lm, recipe, path)
+        path, cvec = work / f"{model}.gguf", ""
+        if args.control_vector:
+            recipe = load_recipe(args.control_vector)
+            export_gguf(lm, None, path)
+            cvec = str(work / f"{model}-cvec.gguf")
+            export_gguf(lm, recipe, cvec)
+        else:
+            export_gguf(lm, recipe, path)
         ids = lm.tokenizer(PROMPT)["input_ids"]
         if recipe is not None:
             with attach(lm, recipe):
                 ours = hf_generate(lm, ids, args.tokens)
         else:
             ours = hf_generate(lm, ids, args.tokens)
-        out = subprocess.run([str(python), "-c", RUNNER, str(path), PROMPT, json.dumps(ids), str(args.tokens)],
+        out = subprocess.run([str(python), "-c", RUNNER, str(path), PROMPT, json.dumps(ids), str(args.tokens),
+                              cvec],
                              capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"llama.cpp failed on {path}:\n{out.stderr[-3000:]}")

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from actlab.data.pairs import PatchPair
+from actlab.data.pairs import PatchPair, load_patch_pairs
 from actlab.errors import ConfigError
 from actlab.jobs.patch import patch_job
 from actlab.transforms.steer.patching import attribution_patching, encode_pairs, exact_patching
@@ -110,3 +110,15 @@ def test_patch_job_directory_and_errors(tiny_llama, tmp_path):
     with pytest.raises(ConfigError, match="missing wrong"):
         patch_job("tiny-llama", pairs=str(bad), out=str(tmp_path / "x"), log=lambda *a: None)
     assert not (tmp_path / "x").exists()
+
+
+def test_builtin_ioi_pairs_swap_the_repeated_name_and_keep_one_length():
+    pairs = load_patch_pairs("builtin:ioi")
+    assert len(pairs) == 16 and load_patch_pairs("builtin:ioi:train") == pairs[::2]
+    for p in pairs:
+        # the clean prompt repeats the wrong name (the subject), so the indirect object is the answer
+        assert p.clean.count(p.wrong) == 2 and p.clean.count(p.answer) == 1
+        assert p.corrupt.count(p.answer) == 2 and p.corrupt.count(p.wrong) == 1
+        assert len(p.clean) == len(p.corrupt) == len(pairs[0].clean)
+    with pytest.raises(ConfigError, match="built-in sets: builtin:ioi"):
+        load_patch_pairs("builtin:nope")
