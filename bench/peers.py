@@ -34,3 +34,13 @@ def run_peer(python: Path, script: str, *args: str) -> str:
     if out.returncode:
         raise SystemExit(f"the peer process failed:\n{out.stderr[-4000:]}")
     return out.stdout
+
+
+def write_results(path: str | Path, payload: dict) -> None:
+    """The bench's JSON, its folder made if needed."""
+    import json
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=1))
+    print(f"wrote {out}")

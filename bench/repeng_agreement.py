@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from peers import TORCH_SPEC, peer_python, run_peer
+from peers import TORCH_SPEC, peer_python, run_peer, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,10 +89,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['model']} | {r['method']} | {r['layers']} | {r['min_cosine']:.6f} | {r['median_cosine']:.6f} | "
               f"{'yes' if r['min_cosine'] >= 0.999 else 'no'} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"pairs": args.pairs, "rows": rows}, indent=1))
-    print(f"\nwrote {out}")
+    write_results(args.out, {"pairs": args.pairs, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from peers import TORCH_SPEC, peer_python, run_peer
+from peers import TORCH_SPEC, peer_python, run_peer, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = {"resid": "get_act_patch_resid_pre", "mlp": "get_act_patch_mlp_out",
@@ -114,10 +114,7 @@ def main() -> None:
               f"{'yes' if r['max_abs_diff'] <= 1e-4 else 'no'} | {r['attribution_r']:.3f} |")
     print(f"\nunpatched metric, largest difference: clean {max(r['clean_diff'] for r in rows):.2e}, "
           f"corrupted {max(r['corrupt_diff'] for r in rows):.2e}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"pairs": args.pairs, "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    write_results(args.out, {"pairs": args.pairs, "rows": rows})
 
 
 if __name__ == "__main__":
