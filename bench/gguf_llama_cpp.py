@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from peers import peer_python
+from peers import peer_python, run_peer
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "The history of the city begins in the early middle ages, when"
@@ -66,6 +65,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="default bench/results/gguf_llama_cpp.json (gguf_control_vector.json "
                                                 "with --control-vector)")
     args = ap.parse_args()
+    if args.recipe and args.control_vector:
+        ap.error("--recipe folds a recipe into the model GGUF, --control-vector steers the dense one: give one")
     args.out = args.out or str(ROOT / "bench" / "results" / ("gguf_control_vector.json" if args.control_vector
                                                               else "gguf_llama_cpp.json"))
     sys.path.insert(0, str(ROOT / "src"))
@@ -79,27 +80,20 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="actlab-gguf-"))
     for model in args.models.split(","):
         lm = actlab.load_model(model)
-        recipe = load_recipe(args.recipe) if args.recipe else None
+        recipe = load_recipe(args.control_vector or args.recipe) if args.control_vector or args.recipe else None
         path, cvec = work / f"{model}.gguf", ""
+        export_gguf(lm, None if args.control_vector else recipe, path)  # a control vector steers the dense model
         if args.control_vector:
-            recipe = load_recipe(args.control_vector)
-            export_gguf(lm, None, path)
             cvec = str(work / f"{model}-cvec.gguf")
             export_gguf(lm, recipe, cvec)
-        else:
-            export_gguf(lm, recipe, path)
         ids = lm.tokenizer(PROMPT)["input_ids"]
         if recipe is not None:
             with attach(lm, recipe):
                 ours = hf_generate(lm, ids, args.tokens)
         else:
             ours = hf_generate(lm, ids, args.tokens)
-        out = subprocess.run([str(python), "-c", RUNNER, str(path), PROMPT, json.dumps(ids), str(args.tokens),
-                              cvec],
-                             capture_output=True, text=True)
-        if out.returncode:
-            raise SystemExit(f"llama.cpp failed on {path}:\n{out.stderr[-3000:]}")
-        theirs = json.loads(out.stdout.strip().splitlines()[-1])
+        out = run_peer(python, RUNNER, str(path), PROMPT, json.dumps(ids), str(args.tokens), cvec)
+        theirs = json.loads(out.strip().splitlines()[-1])
         same = next((i for i, (a, b) in enumerate(zip(ours, theirs["tokens"])) if a != b), len(ours))
         rows.append({"model": model, "gguf_mb": path.stat().st_size / 1e6,
                      "prompt_ids_equal": theirs["prompt_ids"] == ids, "tokens": args.tokens, "equal_prefix": same,

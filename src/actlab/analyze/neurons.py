@@ -65,7 +65,7 @@ def neuron_tokens(lm: Any, neurons: pd.DataFrame | None = None, per_layer: int =
             row["frequency"] = float(freq.loc[row["neuron"]]) if freq is not None else float("nan")
             row["promotes"] = " ".join(repr(t) for t in row["promotes"])
             row["suppresses"] = " ".join(repr(t) for t in row["suppresses"])
-            row["promote_logits"] = row["promote_logits"][0]
-            row["suppress_logits"] = row["suppress_logits"][0]
+            row["top_promote_logit"] = row.pop("promote_logits")[0]
+            row["top_suppress_logit"] = row.pop("suppress_logits")[0]
             rows.append(row)
     return pd.DataFrame(rows)

@@ -154,8 +154,7 @@ BUILTIN = {"sentiment": sentiment_pairs, "arc-easy": arc_easy_pairs}
 PATCH_BUILTIN = {"ioi": ioi_pairs}
 
 
-def builtin_pairs(spec: str, sets: dict | None = None) -> list:
-    sets = BUILTIN if sets is None else sets
+def builtin_pairs(spec: str, sets: dict) -> list:
     _, name, *rest = spec.split(":")
     if name not in sets or len(rest) > 1:
         raise ConfigError(f"unknown pair set {spec!r}; built-in sets: "
