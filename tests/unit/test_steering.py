@@ -68,6 +68,24 @@ def test_pair_files_and_their_errors(tmp_path):
     train, test = split_half(everything, "train"), split_half(everything, "test")
     assert len(train) + len(test) == len(everything) and not set(train) & set(test)
     assert all(p.positive[:-1] == p.negative[:-1] and p.positive != p.negative for p in everything)
+    for half in (train, test):  # the cheerful answer is (A) in half of each half: letters cancel in a mean
+        cheerful_a = sum(p.positive.endswith("(A") for p in half)
+        assert abs(2 * cheerful_a - len(half)) <= 1
+
+
+def test_builtin_arc_pairs_are_the_tasks_scored_texts_and_train_on_the_half_the_sweep_does_not_score():
+    from actlab.data.tasks import items, load_task
+
+    task = items(load_task("arc_easy"), None)
+    train, test = load_contrast_pairs("builtin:arc-easy:train"), load_contrast_pairs("builtin:arc-easy:test")
+    assert len(train) + len(test) == len(task)
+    scored_test = {item.contexts[0] + item.continuations[item.target] for item in split_half(task, "test")}
+    assert not {p.positive for p in train} & scored_test
+    first = task[0]
+    assert train[0].positive == first.contexts[0] + first.continuations[first.target]
+    assert train[0].negative in {first.contexts[0] + c for i, c in enumerate(first.continuations) if i != first.target}
+    text = load_contrast_pairs("builtin:sentiment-text")
+    assert all(p.positive.split("Answer: ")[0] == p.negative.split("Answer: ")[0] for p in text)
 
 
 def test_parse_layers():
@@ -94,7 +112,7 @@ def test_train_job_saves_the_vectors_it_computed_and_the_sweep_starts_from_the_p
     assert out["layers"] == [0, 1] and all(0 <= s <= 1 for s in out["separation"].values())
     assert {e.coeff for e in with_coeff(recipe, 5.0).edits} == {5.0}
     swept = sweep_job("tiny-llama", recipe=str(save), pairs=str(pairs), coeffs=[3.0], windows=0, log=lambda *a: None)
-    assert [r["coeff"] for r in swept["rows"]] == [0.0, 3.0] and swept["rows"][0]["shift"] == 0
+    assert [r["coeff"] for r in swept["rows"]] == [0.0, 3.0] and swept["rows"][0]["shift"][0] == 0
     # p(positive) against a brute force: whole-text log-probabilities from plain forwards
     def brute(lm):
         ps = []
@@ -113,6 +131,8 @@ def test_train_job_saves_the_vectors_it_computed_and_the_sweep_starts_from_the_p
     with attach(tiny_llama, with_coeff(recipe, 3.0)):
         assert abs(swept["rows"][1]["p_positive"][0] - brute(tiny_llama)) < 1e-5
     assert swept["rows"][1]["p_positive"][0] != swept["rows"][0]["p_positive"][0]
+    shift = swept["rows"][1]["shift"][0]  # a paired difference has the difference of the means
+    assert abs(shift - (swept["rows"][1]["p_positive"][0] - swept["rows"][0]["p_positive"][0])) < 1e-12
 
 
 def test_control_vector_gguf_holds_coeff_times_direction_per_layer(tiny_llama, tmp_path):

@@ -99,19 +99,38 @@ GLOOMY = ("I hate it, it makes me miserable.", "It is awful and I dread every mo
           "It is terrible, I feel upset.", "Absolutely dreadful, I am disappointed.")
 
 
+def _sentiment_questions() -> list[tuple[str, str, str]]:
+    """(question, cheerful answer, gloomy answer) per topic."""
+    return [(f"Question: How do you feel about {topic}?", CHEERFUL[i % len(CHEERFUL)],
+             GLOOMY[(i // len(CHEERFUL)) % len(GLOOMY)]) for i, topic in enumerate(TOPICS)]
+
+
 def sentiment_pairs(seed: int = 0) -> list[ContrastPair]:
     """A/B questions (CAA's format): the same question and options, the answer letter of the cheerful option on
-    the positive side and of the gloomy one on the negative; which letter is cheerful alternates at random."""
+    the positive side and of the gloomy one on the negative. The cheerful option is (A) in exactly half of each
+    half's pairs (in a random order): the state at the answer letter is dominated by which letter it is, and only
+    a balanced set cancels that in a mean difference (CAA balances its A/B sets the same way)."""
     rng = random.Random(seed)
+    halves = [[True, False] * ((len(TOPICS[h::2]) + 1) // 2) for h in range(2)]
+    for h in halves:
+        rng.shuffle(h)
     pairs = []
-    for i, topic in enumerate(TOPICS):
-        good, bad = CHEERFUL[i % len(CHEERFUL)], GLOOMY[(i // len(CHEERFUL)) % len(GLOOMY)]
-        good_first = rng.random() < 0.5
+    for i, (question, good, bad) in enumerate(_sentiment_questions()):
+        good_first = halves[i % 2][i // 2]
         a, b = (good, bad) if good_first else (bad, good)
-        prompt = f"Question: How do you feel about {topic}?\n(A) {a}\n(B) {b}\nAnswer: ("
+        prompt = f"{question}\n(A) {a}\n(B) {b}\nAnswer: ("
         letters = ("A", "B") if good_first else ("B", "A")
         pairs.append(ContrastPair(prompt + letters[0], prompt + letters[1]))
     return pairs
+
+
+def sentiment_text_pairs(seed: int = 0) -> list[ContrastPair]:
+    """The same questions answered in free text: a cheerful vs a gloomy answer after a shared "Answer:". For models
+    too small to read A/B options (their A/B probability stays at chance whatever they prefer), the behaviour is
+    the probability of the cheerful answer itself."""
+    del seed  # nothing is drawn
+    return [ContrastPair(f"{question}\nAnswer: {good}", f"{question}\nAnswer: {bad}")
+            for question, good, bad in _sentiment_questions()]
 
 
 def arc_easy_pairs(seed: int = 0) -> list[ContrastPair]:
@@ -121,11 +140,11 @@ def arc_easy_pairs(seed: int = 0) -> list[ContrastPair]:
     rng = random.Random(seed)
     pairs = []
     for item in items(load_task("arc_easy")):
-        wrong = [c for i, c in enumerate(item.choices) if i != item.target]
-        if not wrong:
-            continue
-        context = item.context.rstrip()
-        pairs.append(ContrastPair(f"{context} {item.choices[item.target]}", f"{context} {rng.choice(wrong)}"))
+        def statement(i: int) -> str:  # the text the task scores for choice i: its context and continuation
+            return item.contexts[i % len(item.contexts)] + item.continuations[i % len(item.continuations)]
+        wrong = [i for i in range(len(item.choices)) if i != item.target]
+        if wrong:
+            pairs.append(ContrastPair(statement(item.target), statement(rng.choice(wrong))))
     return pairs
 
 
@@ -150,7 +169,7 @@ def ioi_pairs(seed: int = 0) -> list[PatchPair]:
     return pairs
 
 
-BUILTIN = {"sentiment": sentiment_pairs, "arc-easy": arc_easy_pairs}
+BUILTIN = {"sentiment": sentiment_pairs, "sentiment-text": sentiment_text_pairs, "arc-easy": arc_easy_pairs}
 PATCH_BUILTIN = {"ioi": ioi_pairs}
 
 

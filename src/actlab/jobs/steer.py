@@ -181,42 +181,52 @@ def sweep_job(model: str, *, recipe: str, pairs: str, coeffs: Sequence[float], t
         with ctx:
             p = positive_probability(lm, heldout)
             row: dict[str, Any] = {"coeff": coeff, "p_positive": M.mean_stderr(p)}
+            per_item = {"p_positive": p}
             if task_items:
                 correct = []
                 for item in task_items:
                     scores = [s.loglikelihood for s in score_item(lm, item)]
                     correct.append(float(max(range(len(scores)), key=scores.__getitem__) == item.target))
                 row["task_acc"] = M.mean_stderr(correct)
+                per_item["task_acc"] = correct
             if corpus_windows is not None:
                 row["ppl"] = perplexity(lm, corpus_windows, progress=progress, description=f"ppl, coeff {coeff}").ppl
+        if not rows:
+            baseline = per_item
+        # shifts against the plain model on the same pairs and items: paired standard errors
+        row["shift"] = M.mean_stderr([a - b for a, b in zip(p, baseline["p_positive"])])
+        if task_items:
+            row["task_gain"] = M.mean_stderr([a - b for a, b in zip(correct, baseline["task_acc"])])
+        if "ppl" in row:
+            row["ppl_change"] = row["ppl"] / rows[0]["ppl"] - 1 if rows else 0.0
         rows.append(row)
         log(_row_line(row))
-    base = rows[0]
-    for r in rows:
-        r["shift"] = r["p_positive"][0] - base["p_positive"][0]
-        if "ppl" in r:
-            r["ppl_change"] = r["ppl"] / base["ppl"] - 1
     return {"model": lm.name, "recipe": steer.describe(), "pairs": pairs, "n_pairs": len(heldout), "task": task,
             "half": half, "task_items": len(task_items), "eval_data": eval_data if windows else None, "rows": rows}
 
 
 def _row_line(row: dict[str, Any]) -> str:
-    parts = [f"coeff {row['coeff']:g}", f"p(positive) {row['p_positive'][0]:.4f} ± {row['p_positive'][1]:.4f}"]
+    parts = [f"coeff {row['coeff']:g}", f"p(positive) {row['p_positive'][0]:.4f} ± {row['p_positive'][1]:.4f}",
+             f"shift {row['shift'][0]:+.4f} ± {row['shift'][1]:.4f}"]
     if "task_acc" in row:
-        parts.append(f"acc {row['task_acc'][0]:.4f} ± {row['task_acc'][1]:.4f}")
+        parts.append(f"acc {row['task_acc'][0]:.4f} ± {row['task_acc'][1]:.4f} "
+                     f"(gain {row['task_gain'][0]:+.4f} ± {row['task_gain'][1]:.4f})")
     if "ppl" in row:
         parts.append(f"ppl {row['ppl']:.4f}")
     return "  ".join(parts)
 
 
 def sweep_table(out: dict[str, Any]) -> str:
-    head = ["coeff", "p(positive)", "±", "shift"] + (["acc", "±"] if out["task"] else []) + \
+    """Markdown; every ± is a standard error, those of shift and gain paired with the plain model (coeff 0)."""
+    head = ["coeff", "p(positive)", "±", "shift", "±"] + (["acc", "±", "gain", "±"] if out["task"] else []) + \
            (["ppl", "Δppl"] if out["eval_data"] else [])
     lines = ["|" + "|".join(head) + "|", "|" + "|".join("---:" for _ in head) + "|"]
     for r in out["rows"]:
-        cells = [f"{r['coeff']:g}", f"{r['p_positive'][0]:.4f}", f"{r['p_positive'][1]:.4f}", f"{r['shift']:+.4f}"]
+        cells = [f"{r['coeff']:g}", f"{r['p_positive'][0]:.4f}", f"{r['p_positive'][1]:.4f}", f"{r['shift'][0]:+.4f}",
+                 f"{r['shift'][1]:.4f}"]
         if out["task"]:
-            cells += [f"{r['task_acc'][0]:.4f}", f"{r['task_acc'][1]:.4f}"]
+            cells += [f"{r['task_acc'][0]:.4f}", f"{r['task_acc'][1]:.4f}", f"{r['task_gain'][0]:+.4f}",
+                      f"{r['task_gain'][1]:.4f}"]
         if out["eval_data"]:
             cells += [f"{r['ppl']:.4f}", f"{100 * r['ppl_change']:+.2f}%"]
         lines.append("|" + "|".join(cells) + "|")
