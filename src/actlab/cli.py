@@ -539,7 +539,8 @@ steer_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Steering vectors from contrastive pairs: train, generate, measure.")
 app.add_typer(steer_app, name="steer")
 PairsOpt = Annotated[str, typer.Option(help="a jsonl of {positive, negative} pairs, or builtin:sentiment / "
-                                            "builtin:arc-easy, optionally :train or :test (even / odd items)")]
+                                            "builtin:sentiment-text / builtin:arc-easy, optionally :train or "
+                                            ":test (even / odd items)")]
 
 
 @steer_app.command("train")
@@ -559,8 +560,8 @@ def steer_train_cmd(
 
     \b
     Examples:
-      actlab steer train --pairs builtin:sentiment:train --layers 8-20 --coeff 4 --save happy.json
-      actlab steer train --pairs my_pairs.jsonl --method mean-diff --save vec.json
+      actlab steer train --pairs builtin:sentiment-text:train --method mean-diff --layers 14-17 --save happy.json
+      actlab steer train --pairs my_pairs.jsonl --method pca-diff --coeff 4 --save vec.json
     """
     from actlab.jobs.steer import train_job
 
@@ -616,7 +617,7 @@ def steer_sweep_cmd(
 
     \b
     Examples:
-      actlab steer sweep --recipe happy.json --pairs builtin:sentiment:test --coeffs 2,4,8
+      actlab steer sweep --recipe happy.json --pairs builtin:sentiment-text:test --coeffs 0.1,0.15,0.3
       actlab steer sweep --recipe arc.json --pairs builtin:arc-easy:test --task arc_easy --half test
     """
     from actlab.jobs.steer import sweep_job, sweep_table
