@@ -25,6 +25,8 @@ CalibOpt = Annotated[str | None, typer.Option(help=f"calibration corpus ({CORPUS
 EvalDataOpt = Annotated[str | None, typer.Option("--eval", help=f"evaluation corpus ({CORPUS_HELP}; default: the "
                                                                "evaluation half of python-docs)")]
 WindowsOpt = Annotated[int, typer.Option(min=1, help="evaluation windows")]
+NprocOpt = Annotated[int, typer.Option("--nproc", min=1, help="data-parallel processes on this machine (launches "
+                                                            "torchrun; each gets a share of the cores)")]
 CalibWindowsOpt = Annotated[int, typer.Option("--calib-windows", min=1, help="calibration windows")]
 TASKS = "wikitext2,lambada,arc_easy,arc_challenge,piqa,hellaswag"
 
@@ -56,7 +58,31 @@ def _options(
 
 
 def _emit(obj: dict, as_json: bool, human: str) -> None:
-    print(json.dumps(obj) if as_json else human)
+    from actlab.parallel import launched_rank
+
+    if launched_rank() == 0:  # a data-parallel job reports once
+        print(json.dumps(obj) if as_json else human)
+
+
+def _rank0_value(value):
+    """Under torchrun, rank 0's `value` on every rank (a name made from the clock); elsewhere `value`."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return value
+    from actlab import parallel
+
+    return parallel.broadcast(value, parallel.world())
+
+
+def _relaunch(nproc: int) -> None:
+    """`--nproc N` (N > 1) outside torchrun: run this command line on N processes, then exit with their code."""
+    import os
+
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from actlab.parallel import launch, without_nproc
+
+        raise typer.Exit(launch(nproc, without_nproc(sys.argv[1:])))
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
@@ -156,6 +182,7 @@ def profile_cmd(
     bos: Annotated[str | None, typer.Option(help="how windows start: every (BOS first in each window), tokenizer "
                                                  "(only where the tokenizer puts it: the first window) or none; "
                                                  "default: every for models whose tokenizer adds BOS (Gemma)")] = None,
+    nproc: NprocOpt = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Profile activations at every site and write tables, raw state and report.html into a run directory.
@@ -164,12 +191,17 @@ def profile_cmd(
     Examples:
       actlab profile --model gemma3-270m --data wikitext2:valid --tokens 65536 --out runs/gemma
       actlab profile --sites 'L*.down_in' --out runs/ffn
+      actlab profile --nproc 2 --data wikitext2:valid --out runs/two   # data parallel (or: torchrun -m actlab)
     """
     import time as _time
 
     from actlab.jobs.profile import ProfileOptions, profile
 
-    out = out or f"runs/{Path(model or DEFAULT_MODEL).name}-{_time.strftime('%Y%m%d-%H%M%S')}"
+    if out is None:  # one name for every process: the launcher passes it on, torchrun's ranks take rank 0's
+        out = f"runs/{Path(model or DEFAULT_MODEL).name}-{_time.strftime('%Y%m%d-%H%M%S')}"
+        sys.argv += ["--out", out]
+        out = _rank0_value(out)
+    _relaunch(nproc)
     options = ProfileOptions(sites=sites, query_stride=query_stride, lens_stride=lens_stride, batch_size=batch_size)
     run = profile(model, data, out, tokens=tokens, seq_len=seq_len, options=options, resume=resume,
                   overwrite=overwrite, log=_log, bos=bos)
@@ -297,6 +329,7 @@ def eval_cmd(
                                                           "perplexity)")] = None,
     out: Annotated[str | None, typer.Option(help="write results.json, per-item records and compare.html here")] = None,
     speed: Annotated[bool, typer.Option("--speed", help="also measure decode tokens/s and engine memory")] = False,
+    nproc: NprocOpt = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate the dense model and every recipe on the same items: perplexity and zero-shot tasks (lm-eval's
@@ -306,10 +339,15 @@ def eval_cmd(
     Examples:
       actlab eval --recipe la50.json --tasks wikitext2,lambada,arc_easy,piqa --limit 500 --out runs/eval
       actlab eval --tasks my_task.yaml
+      actlab eval --nproc 2 --recipe la50.json --tasks arc_easy,piqa   # each process scores half the items
     """
     from actlab.jobs.eval import eval_job
+    from actlab.parallel import launched_rank
 
+    _relaunch(nproc)
     result = eval_job(model, recipe or [], tasks=tasks, limit=limit, out=out, speed=speed, log=_log)
+    if launched_rank() != 0:
+        return
     if as_json:
         print(json.dumps(result.to_dict()))
         return
@@ -724,7 +762,10 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except ActlabError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from actlab.parallel import launched_rank
+
+        if launched_rank() == 0:  # every rank meets the same bad input; rank 0 says so, once
+            print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except click.NoArgsIsHelpError as exc:
         print(exc.ctx.get_help() if exc.ctx else str(exc))
@@ -739,6 +780,11 @@ def main() -> None:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if "torch.distributed" in sys.modules:
+            from actlab.parallel import shutdown
+
+            shutdown()
     if code == 130:  # typer turns Ctrl-C into exit code 130 before it reaches the handler above
         print("interrupted", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)

@@ -120,13 +120,13 @@ def test_interrupted_run_is_partial_then_resumes_to_the_same_result(tmp_path, ti
     monkeypatch.setattr(runs, "CHECKPOINT_SECONDS", 0.0)  # checkpoint after every batch
     original = Profiler.observe
 
-    def interrupted(self, windows, first_window_index=0, batch_size=1, progress=True, after_batch=None):
+    def interrupted(self, windows, first_window_index=0, batch_size=1, progress=True, after_batch=None, world=None):
         def stop_after_three(done):
             after_batch(done)
             if done == 3:
                 raise KeyboardInterrupt
 
-        return original(self, windows, first_window_index, batch_size, progress, stop_after_three)
+        return original(self, windows, first_window_index, batch_size, progress, stop_after_three, world)
 
     monkeypatch.setattr(Profiler, "observe", interrupted)
     with pytest.raises(KeyboardInterrupt):

@@ -17,6 +17,7 @@ from actlab.data.tasks import LOWER_IS_BETTER, Item, TaskSpec, items
 from actlab.errors import ConfigError
 from actlab.eval import metrics as M
 from actlab.eval.scoring import score_item
+from actlab.parallel import World, all_gather, shard
 from actlab.progress import track
 
 DENSE = "dense"
@@ -128,9 +129,14 @@ def _num(x: float) -> str:
 # -- running ------------------------------------------------------------------------------------------
 
 def evaluate(lm: Any, tasks: list[TaskSpec], columns: list[Column], limit: int | None = None, progress: bool = True,
-             log=print, on_result: Callable[[Column, TaskResult], None] | None = None) -> Evaluation:
+             log=print, on_result: Callable[[Column, TaskResult], None] | None = None,
+             world: World | None = None) -> Evaluation:
     """Every column on every task. Results already in a column (`column.results`, e.g. loaded from an interrupted
-    run) are kept and not recomputed; `on_result(column, result)` is called after each new one (a checkpoint)."""
+    run) are kept and not recomputed; `on_result(column, result)` is called after each new one (a checkpoint).
+    With a distributed `world` (the same call on every rank) each rank scores its block of every task's items
+    and every rank gets all per-item records, in item order; `on_result` runs on rank 0 only. A recipe's
+    `measured` summary (e.g. achieved sparsity) is rank 0's, over the items it ran."""
+    world = world or World()
     from actlab.transforms.compose import attach, cost_of, validate
 
     if limit is not None and limit < 1:
@@ -152,13 +158,13 @@ def evaluate(lm: Any, tasks: list[TaskSpec], columns: list[Column], limit: int |
             for name in todo:
                 spec, data = prepared[name]
                 start = time.perf_counter()
-                result = _run(lm, spec, data, f"{col.name}: {name}", progress)
+                result = _run(lm, spec, data, f"{col.name}: {name}", progress and world.main, world)
                 result.seconds = time.perf_counter() - start
                 col.results[name] = result
                 log(f"{col.name}: {name} " + ", ".join(f"{m} {v:.4f}" for m, (v, _) in result.metrics.items()))
                 if attached is not None:
                     col.measured = attached.summary(lm)  # over the tasks this process ran
-                if on_result is not None:
+                if on_result is not None and world.main:
                     on_result(col, result)
         col.results = {name: col.results[name] for name in prepared}  # the tasks' order, whatever ran first
     return Evaluation(lm.identity.to_dict(), limit, columns, list(lm.provenance.get("warnings", [])))
@@ -175,28 +181,26 @@ def _prepare(lm: Any, spec: TaskSpec, limit: int | None):
     return all_windows[:limit] if limit else all_windows
 
 
-def _run(lm: Any, spec: TaskSpec, data: Any, description: str, progress: bool) -> TaskResult:
+def _run(lm: Any, spec: TaskSpec, data: Any, description: str, progress: bool,
+         world: World | None = None) -> TaskResult:
+    world = world or World()
+    mine = shard(len(data), world)
     if spec.output_type == "perplexity":
         from actlab.eval.perplexity import perplexity
 
-        result = perplexity(lm, data, batch_size=1, progress=progress, description=description)
-        ppl, se = M.perplexity_of_nlls(result.window_nll)
+        local = perplexity(lm, data[mine.start:mine.stop], batch_size=1, progress=progress,
+                           description=description).window_nll if len(mine) else []
+        window_nll = [v for part in all_gather(local, world) for v in part]
+        ppl, se = M.perplexity_of_nlls(window_nll)
         return TaskResult(spec.task, spec.output_type, spec.version, len(data), {"perplexity": (ppl, se)},
-                          {"perplexity": result.window_nll},
-                          [{"window": i, "nll": v} for i, v in enumerate(result.window_nll)])
-    per_item: dict[str, list[float]] = {m: [] for m in spec.metrics}
-    lls: list[float] = []
-    records = []
-    for item in track(data, total=len(data), description=description, enabled=progress):
-        scores = score_item(lm, item)
-        record = _record(spec, item, scores)
-        records.append(record)
-        for m in spec.metrics:
-            if m != "perplexity":
-                per_item[m].append(float(record[m]))
-        lls.append(scores[0].loglikelihood)
-    out = {m: M.mean_stderr(v) for m, v in per_item.items() if m != "perplexity"}
+                          {"perplexity": window_nll}, [{"window": i, "nll": v} for i, v in enumerate(window_nll)])
+    local = [_record(spec, item, score_item(lm, item))
+             for item in track(data[mine.start:mine.stop], total=len(mine), description=description, enabled=progress)]
+    records = [r for part in all_gather(local, world) for r in part]
+    per_item = {m: [float(r[m]) for r in records] for m in spec.metrics if m != "perplexity"}
+    out = {m: M.mean_stderr(v) for m, v in per_item.items()}
     if "perplexity" in spec.metrics:
+        lls = [r["loglikelihoods"][0] for r in records]  # the target continuation's (a loglikelihood task's only)
         per_item["perplexity"] = [-x for x in lls]  # paired differences of NLL
         out["perplexity"] = M.perplexity_of_loglikelihoods(lls)
     ordered = {m: out[m] for m in spec.metrics}

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from actlab import parallel
 from actlab.data.tasks import TaskSpec, load_task
 from actlab.errors import ConfigError
 from actlab.eval.harness import DENSE, Column, Evaluation, TaskResult, evaluate
@@ -49,22 +50,27 @@ def eval_job(model: str, recipes: list[str], tasks: str = DEFAULT_TASKS, limit: 
              log: Callable[[str], None] = print) -> Evaluation:
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {limit}")
+    world = parallel.world()  # under torchrun: every rank scores its share of each task, rank 0 writes
+    log = log if world.main else (lambda *_: None)
     specs = parse_tasks(tasks)  # every bad task and recipe file fails before the model loads
     loaded = [load_recipe(p) for p in recipes]
-    target = _output_dir(out) if out else None
+    target = parallel.agree(world, lambda: _output_dir(out) if out else None)
     lm = setup.model(model, log)
     columns = [Column(DENSE)] + [Column(name, r) for name, r in zip(column_names(recipes), loaded)]
     checkpoint = None
     if target is not None:
         fingerprint = evaluation_fingerprint(lm, specs, limit, recipes, columns)
         checkpoint = EvalCheckpoint(target, fingerprint)
-        checkpoint.restore(columns, log)
+        kept = parallel.agree(world, lambda: checkpoint.restore(columns, log) or
+                              [(c.results, c.measured) for c in columns])
+        for col, (results, measured) in zip(columns, kept):  # rank 0 read what an interrupted run kept
+            col.results, col.measured = results, measured
     result = evaluate(lm, specs, columns, limit=limit, progress=progress, log=log,
-                      on_result=checkpoint.save if checkpoint else None)
-    if speed:
+                      on_result=checkpoint.save if checkpoint else None, world=world)
+    if speed and world.main:
         for col in columns:
             col.speed = decode_speed(lm, col.recipe, log)
-    if target is not None:
+    if target is not None and world.main:
         from actlab.report.compare import write_comparison
 
         write_comparison(result, target)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from actlab import parallel
 from actlab.data import WindowSpec, load_corpus, make_windows
 from actlab.data.windows import model_bos
 from actlab.errors import ConfigError, RunDirectoryError
@@ -116,7 +117,27 @@ def profile(model: str | None, data: str | None, out: str | Path, *, tokens: int
         raise ConfigError(f"--tokens must be at least 1, got {tokens}")
     if bos is not None and bos not in ("every", "tokenizer", "none"):  # before the model loads
         raise ConfigError(f"--bos must be every, tokenizer or none, got {bos!r}")
+    world = parallel.world()
+    log = log if world.main else _silent
     run = RunDirectory(Path(out).expanduser())
+    previous = parallel.agree(world, lambda: _check_run(run, options, seq_len, bos, resume, overwrite))
+    created = not run.path.exists()
+    try:
+        return _profile_into(run, previous, model, data, tokens, seq_len, options, overwrite, progress, log, lm,
+                             bos, world)
+    except BaseException:
+        if world.main and created and run.path.is_dir() and not any(run.path.iterdir()):
+            run.path.rmdir()  # a refused or failed start leaves no empty --out behind
+        raise
+
+
+def _silent(*_: Any) -> None:
+    pass
+
+
+def _check_run(run: RunDirectory, options: ProfileOptions, seq_len: int | None, bos: str | None, resume: bool,
+               overwrite: bool) -> dict[str, Any] | None:
+    """The run directory may take this profile: the manifest of the run it resumes, or None for a new run."""
     if run.path.exists() and not run.path.is_dir():
         raise RunDirectoryError(f"--out {run.path} is a file, not a run directory")
     if run.exists() and not (resume or overwrite):
@@ -135,22 +156,13 @@ def profile(model: str | None, data: str | None, out: str | Path, *, tokens: int
         if conflicts:
             raise RunDirectoryError(f"{run.path} was profiled with other options: {'; '.join(conflicts)}. Resume "
                                     "without them (the run's are used), or profile into a new --out")
-    created = not run.path.exists()
-    try:
-        return _profile_into(run, previous, model, data, tokens, seq_len, options, overwrite, progress, log, lm,
-                             bos)
-    except BaseException:
-        if created and run.path.is_dir() and not any(run.path.iterdir()):
-            run.path.rmdir()  # a refused or failed start leaves no empty --out behind
-        raise
+    return previous
 
 
-def _profile_into(run, previous, model, data, tokens, seq_len, options, overwrite, progress, log, lm, bos):
-    with run.locked():
-        if overwrite and run.exists():
-            for child in run.path.iterdir():
-                if child.name != ".lock":
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+def _profile_into(run, previous, model, data, tokens, seq_len, options, overwrite, progress, log, lm, bos, world):
+    """Every rank runs this; rank 0 alone holds the lock and writes the run directory."""
+    with contextlib.ExitStack() as owned:
+        parallel.agree(world, lambda: _take(owned, run, overwrite))
         recorded = None
         if previous is not None:
             stored_spec, recorded = _stored_model(previous)
@@ -179,6 +191,7 @@ def _profile_into(run, previous, model, data, tokens, seq_len, options, overwrit
             "statistics": profiler.settings()["statistics"],
             "target_windows": len(windows),
             "target_tokens": int(windows.numel()),
+            **({"processes": world.size} if world.distributed else {}),
         }
         done = 0
         if previous is not None:
@@ -187,40 +200,73 @@ def _profile_into(run, previous, model, data, tokens, seq_len, options, overwrit
                     f"{run.path} was profiled with another model, corpus or window protocol (--data "
                     f"{corpus.name} is not the run's {previous['data'].get('name')}); resume with the same "
                     "--data (or none), or profile into a new --out")
-            state, done, seen_tokens = run.load_state()
+            # rank 0 continues from the saved statistics; the other ranks add theirs to it
+            state, done, seen_tokens = run.load_state() if world.main else ({}, 0, 0)
             if state:
                 profiler.load_state(state, done, seen_tokens)
+            done, seen_tokens = parallel.broadcast((done, seen_tokens), world)
             if done >= len(windows) and previous["status"] == "complete":
                 log(f"{run.path} already covers {done} windows ({seen_tokens} tokens); nothing to add")
                 return run
-            manifest["started"] = previous.get("started")
         manifest = {**start_manifest(manifest), "windows_done": done}
         if previous is not None and previous.get("started"):
             manifest["started"] = previous["started"]
-        run.write_manifest(manifest)
+        if world.main:
+            run.write_manifest(manifest)
 
         last_checkpoint = time.monotonic()
 
         def checkpoint(windows_done: int) -> None:
             nonlocal last_checkpoint
-            if time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS or windows_done == len(windows):
-                run.save_state(profiler.state(), profiler.windows_seen, profiler.tokens_seen)
-                run.write_manifest({**manifest, "windows_done": windows_done, "tokens_done": profiler.tokens_seen})
-                last_checkpoint = time.monotonic()
+            due = time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS or windows_done == len(windows)
+            if not parallel.broadcast(due, world):  # rank 0's clock decides for every rank
+                return
+            union = _union(profiler, options, world)
+            if union is not None:
+                run.save_state(union.state(), union.windows_seen, union.tokens_seen)
+                run.write_manifest({**manifest, "windows_done": windows_done, "tokens_done": union.tokens_seen})
+            last_checkpoint = time.monotonic()
 
         try:
             with _sigterm_as_interrupt():
                 profiler.observe(windows[done:], first_window_index=done, batch_size=options.batch_size,
-                                 progress=progress, after_batch=checkpoint)
-                finish(run, profiler, {**manifest, "windows_done": len(windows),
-                                       "tokens_done": profiler.tokens_seen})
+                                 progress=progress, after_batch=checkpoint, world=world)
+                union = _union(profiler, options, world)
+                if union is not None:
+                    finish(run, union, {**manifest, "windows_done": len(windows), "tokens_done": union.tokens_seen})
+                parallel.barrier(world)
         except BaseException:
-            # the state on disk is the last checkpoint (taken between batches); never mark this complete
-            _, saved, saved_tokens = run.load_state()
-            run.write_manifest({**manifest, "status": "partial", "windows_done": saved, "tokens_done": saved_tokens,
-                                "interrupted": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            if world.main:  # the state on disk is the last checkpoint (taken between rounds): never complete
+                _, saved, saved_tokens = run.load_state()
+                run.write_manifest({**manifest, "status": "partial", "windows_done": saved,
+                                    "tokens_done": saved_tokens, "interrupted": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             raise
     return run
+
+
+def _take(owned: contextlib.ExitStack, run: RunDirectory, overwrite: bool) -> None:
+    """Rank 0 locks the run directory for the whole job (and clears it for --overwrite)."""
+    owned.enter_context(run.locked())
+    if overwrite and run.exists():
+        for child in run.path.iterdir():
+            if child.name != ".lock":
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def _union(profiler: Profiler, options: ProfileOptions, world: parallel.World) -> Profiler | None:
+    """On rank 0, the statistics of every rank's windows, each folded in by its own merge rule; None elsewhere."""
+    if not world.distributed:
+        return profiler
+    parts = parallel.gather((profiler.state(), profiler.windows_seen, profiler.tokens_seen), world)
+    if parts is None:
+        return None
+    union = options.profiler(profiler.lm)
+    union.load_state(*parts[0])
+    for part in parts[1:]:
+        other = options.profiler(profiler.lm)
+        other.load_state(*part)
+        union.merge(other)
+    return union
 
 
 def finish(run: RunDirectory, profiler: Profiler, manifest: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from actlab.models.keys import layer_of
 from actlab.models.loader import LoadedModel
+from actlab.parallel import World, round_end, rounds
 from actlab.probe.hooks import Probe
 from actlab.probe.sites import Site, select_sites
 from actlab.probe.stats.attention_heads import AttentionHeads
@@ -63,30 +64,40 @@ class Profiler:
 
     @torch.no_grad()
     def observe(self, windows: torch.Tensor, first_window_index: int = 0, batch_size: int = 1,
-                progress: bool = True, after_batch: Callable[[int], None] | None = None) -> None:
-        """Run `windows` [K, L]; `after_batch(windows_done_so_far)` is called after each batch (checkpoints)."""
+                progress: bool = True, after_batch: Callable[[int], None] | None = None,
+                world: World | None = None) -> None:
+        """Run `windows` [K, L] (window k has the number first_window_index + k); `after_batch(windows_done)` is
+        called after each batch (checkpoints) with the count of leading windows done. With a distributed `world`
+        every rank passes the same windows and runs its own batches of each round (`parallel.rounds`);
+        `after_batch` is then called on every rank after each round, and rank 0 holds the union only after the
+        caller merges the ranks' statistics (`parallel.gather`)."""
+        world = world or World()
         model = self.lm.model
         device = self.lm.device
-        starts = range(0, len(windows), batch_size)
+        batches = list(rounds(len(windows), batch_size, world))
         for stat in self.statistics:
             stat.allocate(self.sites, self.lm.adapter, min(batch_size, len(windows)), windows.shape[1])
         with Probe(self.lm, self.sites, self._deliver, query_stride=self.query_stride):
-            for start in track(starts, total=len(starts), description="profiling", enabled=progress):
-                ids = windows[start : start + batch_size]
-                index = torch.arange(start, start + len(ids)) + first_window_index
-                self._batch = BatchInfo(ids=ids.cpu(), window_index=index)
-                try:
-                    model(input_ids=ids.to(device), use_cache=False)
-                    for stat in self.statistics:
-                        stat.finish_batch(self._batch)
-                finally:
-                    for stat in self.statistics:
-                        stat.end_batch()
-                    self._batch = None
-                self.windows_seen += len(ids)
-                self.tokens_seen += ids.numel()
+            for done, mine in track(enumerate(batches, 1), total=len(batches), description="profiling",
+                                    enabled=progress and world.main):
+                if len(mine):
+                    self._run_batch(model, device, windows[mine.start:mine.stop],
+                                    torch.arange(mine.start, mine.stop) + first_window_index)
                 if after_batch is not None:
-                    after_batch(first_window_index + start + len(ids))
+                    after_batch(first_window_index + round_end(len(windows), batch_size, world, 0, done))
+
+    def _run_batch(self, model: Any, device: Any, ids: torch.Tensor, index: torch.Tensor) -> None:
+        self._batch = BatchInfo(ids=ids.cpu(), window_index=index)
+        try:
+            model(input_ids=ids.to(device), use_cache=False)
+            for stat in self.statistics:
+                stat.finish_batch(self._batch)
+        finally:
+            for stat in self.statistics:
+                stat.end_batch()
+            self._batch = None
+        self.windows_seen += len(ids)
+        self.tokens_seen += ids.numel()
 
     # -- state -----------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:

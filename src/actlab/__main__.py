@@ -1,0 +1,5 @@
+"""`python -m actlab ...` (and `torchrun ... -m actlab ...`) runs the command line."""
+
+from actlab.cli import main
+
+main()
