@@ -4,24 +4,29 @@ sparsity-at-ppl through the CLI (JSON contracts)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
 
+from ..unit.test_parallel import assert_same_tables
+
 pytestmark = pytest.mark.real
 
 
-def actlab_cli(*args: str) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "actlab.cli", *args], capture_output=True, text=True, timeout=1200)
+def actlab_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", "actlab.cli", *args], capture_output=True, text=True, timeout=1200,
+                         env={**os.environ, **env})
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
 
 def test_profile_small(smollm2, tmp_path):
+    one_thread = {"OMP_NUM_THREADS": "1"}  # the two-process run below gets the same per-process arithmetic
     actlab_cli("profile", "--model", "smollm2-135m", "--tokens", "1024", "--seq-len", "512", "--out",
-               str(tmp_path / "run"))
+               str(tmp_path / "run"), **one_thread)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["tokens_done"] == 1024
     layers = pd.read_parquet(tmp_path / "run" / "tables" / "layers.parquet")
@@ -30,6 +35,11 @@ def test_profile_small(smollm2, tmp_path):
     assert len(heads) == 30 * 9
     html = (tmp_path / "run" / "report.html").read_text()
     assert "smollm2-135m" in html and html.count("data:image/png;base64") >= 6  # every plot, inlined
+    # the same profile on two processes (gloo): the same tables
+    actlab_cli("profile", "--model", "smollm2-135m", "--tokens", "1024", "--seq-len", "512", "--nproc", "2",
+               "--out", str(tmp_path / "two"), **one_thread)
+    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["processes"] == 2
+    assert_same_tables(tmp_path / "run", tmp_path / "two")
 
 
 def test_sparsify_json(smollm2, tmp_path):
