@@ -80,6 +80,8 @@ def scaled(command: str) -> list[str]:
         out += ["--calib-windows", "8"]
     if sub == "sparsity-at-ppl":
         out += ["--steps", "2"]
+    if sub == "eval" and "--limit" not in out:
+        out += ["--limit", "3"]
     if sub == "bench":
         out += ["--tokens", "8", "--reps", "1"]
     return out

@@ -10,6 +10,7 @@ import torch
 
 from actlab.data.pairs import load_contrast_pairs, sentiment_pairs, split_half
 from actlab.errors import ConfigError
+from actlab.jobs import setup
 from actlab.jobs.steer import last_token_states, parse_layers, sweep_job, train_job, with_coeff
 from actlab.transforms import attach, load_recipe
 from actlab.transforms.steer.vectors import get_method, mean_difference, pca_around_midpoints, pca_of_differences
@@ -133,6 +134,23 @@ def test_train_job_saves_the_vectors_it_computed_and_the_sweep_starts_from_the_p
     assert swept["rows"][1]["p_positive"][0] != swept["rows"][0]["p_positive"][0]
     shift = swept["rows"][1]["shift"][0]  # a paired difference has the difference of the means
     assert abs(shift - (swept["rows"][1]["p_positive"][0] - swept["rows"][0]["p_positive"][0])) < 1e-12
+    # perplexity beside it: the plain model's and the steered one's, each a plain loss loop on the same windows
+    swept = sweep_job("tiny-llama", recipe=str(save), pairs=str(pairs), coeffs=[3.0], eval_data="python-docs",
+                      seq_len=32, windows=2, progress=False, log=lambda *a: None)
+    windows = setup.eval_windows(tiny_llama, "python-docs", 32, 2)[1]
+
+    def loss_loop_ppl():
+        with torch.no_grad():
+            losses = [torch.nn.functional.cross_entropy(tiny_llama.model(input_ids=w[None]).logits[0, :-1].double(),
+                                                        w[1:]) for w in windows]
+        return float(torch.stack(losses).mean().exp())
+
+    plain = loss_loop_ppl()
+    with attach(tiny_llama, with_coeff(recipe, 3.0)):
+        steered = loss_loop_ppl()
+    assert swept["rows"][0]["ppl"] == pytest.approx(plain, rel=1e-5) and swept["rows"][0]["ppl_change"] == 0
+    assert swept["rows"][1]["ppl"] == pytest.approx(steered, rel=1e-5) and steered != pytest.approx(plain)
+    assert swept["rows"][1]["ppl_change"] == pytest.approx(steered / plain - 1, rel=1e-4)
 
 
 def test_control_vector_gguf_holds_coeff_times_direction_per_layer(tiny_llama, tmp_path):

@@ -175,7 +175,8 @@ def sweep_job(model: str, *, recipe: str, pairs: str, coeffs: Sequence[float], t
     task_items = split_half(items(load_task(task), None), half)[:limit] if task else []
     lm = setup.model(model, log)
     corpus_windows = setup.eval_windows(lm, eval_data, seq_len, windows)[1] if windows else None
-    rows = []
+    rows: list[dict[str, Any]] = []
+    baseline: dict[str, Any] = {}
     for coeff in [0.0, *(c for c in coeffs if c != 0)]:  # 0: the model as it is, the baseline of every shift
         ctx = attach(lm, with_coeff(steer, coeff)) if coeff else contextlib.nullcontext()
         with ctx:
@@ -191,14 +192,14 @@ def sweep_job(model: str, *, recipe: str, pairs: str, coeffs: Sequence[float], t
                 per_item["task_acc"] = correct
             if corpus_windows is not None:
                 row["ppl"] = perplexity(lm, corpus_windows, progress=progress, description=f"ppl, coeff {coeff}").ppl
-        if not rows:
-            baseline = per_item
+                per_item["ppl"] = row["ppl"]
+        baseline = baseline if rows else per_item  # the first row is the plain model
         # shifts against the plain model on the same pairs and items: paired standard errors
         row["shift"] = M.mean_stderr([a - b for a, b in zip(p, baseline["p_positive"])])
         if task_items:
             row["task_gain"] = M.mean_stderr([a - b for a, b in zip(correct, baseline["task_acc"])])
         if "ppl" in row:
-            row["ppl_change"] = row["ppl"] / rows[0]["ppl"] - 1 if rows else 0.0
+            row["ppl_change"] = row["ppl"] / baseline["ppl"] - 1
         rows.append(row)
         log(_row_line(row))
     return {"model": lm.name, "recipe": steer.describe(), "pairs": pairs, "n_pairs": len(heldout), "task": task,
