@@ -48,6 +48,10 @@ def _options(
     allow_missing_weights: Annotated[bool, typer.Option("--allow-missing-weights", help="load a checkpoint that "
                                                         "lacks weights (they are random; every output says so)")]
     = False,
+    device_map: Annotated[str | None, typer.Option("--device-map", help="spread the weights with accelerate: "
+                                                   "auto, balanced, sequential (a model bigger than memory)")] = None,
+    max_memory: Annotated[str | None, typer.Option("--max-memory", help="memory per device for --device-map, e.g. "
+                                                   "cpu=2GiB,0=20GiB; what does not fit is read from disk")] = None,
     version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version,
                                           help="print the version and exit")] = False,
 ) -> None:
@@ -55,6 +59,10 @@ def _options(
         import os
 
         os.environ["ACTLAB_ALLOW_MISSING_WEIGHTS"] = "1"
+    if device_map is not None or max_memory is not None:
+        from actlab.models.placement import Placement
+
+        Placement(device_map, max_memory).export()  # every model this command loads (a bad value: one line)
 
 
 def _emit(obj: dict, as_json: bool, human: str) -> None:

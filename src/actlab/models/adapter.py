@@ -14,6 +14,7 @@ from torch import nn
 
 from actlab.errors import UnsupportedArchitectureError
 from actlab.models.architectures import ArchSpec, spec_for_model_type, supported_model_types
+from actlab.models.placement import materialized
 
 ATTN_ROLES = ("q", "k", "v", "qkv", "o")
 MLP_ROLES = ("gate", "up", "down")
@@ -52,13 +53,15 @@ class LinearView:
     rows: Rows | None = None
 
     def weight(self) -> torch.Tensor:
-        w = self.module.weight
-        w = w.t() if self.transposed else w
-        return select_rows(w, self.rows, 0)
+        """[out, in]: a view of the module's weight (a copy, read in, when accelerate keeps it on disk)."""
+        with materialized(self.module) as module:
+            w = module.weight.t() if self.transposed else module.weight
+            return select_rows(w, self.rows, 0)  # holds the read-in values after the block puts meta back
 
     def bias(self) -> torch.Tensor | None:
-        b = getattr(self.module, "bias", None)
-        return None if b is None else select_rows(b, self.rows, 0)
+        with materialized(self.module) as module:
+            b = getattr(module, "bias", None)
+            return None if b is None else select_rows(b, self.rows, 0)
 
     @property
     def fused(self) -> bool:

@@ -72,13 +72,12 @@ def config_digest(config: Any) -> str:
 
 def weights_digest(model: torch.nn.Module) -> str:
     """sha256 over every parameter and persistent buffer: name, dtype, shape and bytes, in name order."""
+    from actlab.models.placement import real_tensor
+
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach()
+        t = real_tensor(model, name, tensor.detach())  # an offloaded weight is read in: the same digest
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.device.type == "meta":  # offloaded or not materialised: only its description can count
-            h.update(b"meta")
-            continue
         h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 

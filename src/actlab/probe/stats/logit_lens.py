@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from actlab.models.adapter import ModelAdapter
+from actlab.models.placement import materialized
 from actlab.probe.sites import Site
 from actlab.probe.stats.base import BatchInfo, Statistic, TableContext
 
@@ -22,8 +23,10 @@ def lens_positions(seq_len: int, stride: int) -> torch.Tensor:
 
 def decode_residual(adapter: ModelAdapter, h: torch.Tensor) -> torch.Tensor:
     """Final norm + LM head (+ Gemma's logit soft-capping), bypassing hooks on those modules."""
-    weight = adapter.lm_head.weight
-    logits = F.linear(adapter.final_norm.forward(h.to(weight.dtype)), weight, getattr(adapter.lm_head, "bias", None))
+    with materialized(adapter.lm_head) as head, materialized(adapter.final_norm):  # offloaded weights read in
+        weight = head.weight
+        logits = F.linear(adapter.final_norm.forward(h.to(weight.device, weight.dtype)), weight,
+                          getattr(head, "bias", None))
     cap = getattr(adapter.config, "final_logit_softcapping", None)
     return cap * torch.tanh(logits / cap) if cap else logits
 
