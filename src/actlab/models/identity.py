@@ -78,6 +78,9 @@ def weights_digest(model: torch.nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         t = real_tensor(model, name, tensor.detach())  # an offloaded weight is read in: the same digest
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.device.type == "meta":  # never materialised (no weights anywhere): only its description counts
+            h.update(b"meta")
+            continue
         h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 

@@ -126,4 +126,5 @@ def real_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> torc
     owner, _, attr = name.rpartition(".")
     module = model.get_submodule(owner)
     with materialized(module):
-        return getattr(module, attr).detach().cpu().clone()
+        value = getattr(module, attr).detach()
+        return value if value.device.type == "meta" else value.cpu().clone()
