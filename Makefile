@@ -10,6 +10,8 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
+# test processes (pytest-xdist): one per core; each takes its share of the OpenMP threads (tests/conftest.py)
+TEST_JOBS ?= auto
 
 .PHONY: setup demo test test-fast lint bench clean
 
@@ -26,10 +28,10 @@ demo: setup
 	$(BIN)/actlab profile --out runs/demo --overwrite
 
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_JOBS) $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not real and not browser" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_JOBS) -m "not real and not browser" $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check src tests bench

@@ -5,10 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+# pytest-xdist workers share the cores: each gets its share of OpenMP threads, set before torch loads (two
+# pools spinning on the same cores make every parallel region wait for a time slice: ~5x slower on 2 cores)
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0))
+                                                    // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
-import actlab
-from actlab.models.tiny import TINY_CONFIGS
+import pytest  # noqa: E402
+
+import actlab  # noqa: E402
+from actlab.models.tiny import TINY_CONFIGS  # noqa: E402
 
 TINY_MODELS = sorted(TINY_CONFIGS)
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
