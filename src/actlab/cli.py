@@ -74,23 +74,17 @@ def _emit(obj: dict, as_json: bool, human: str) -> None:
 
 def _rank0_value(value):
     """Under torchrun, rank 0's `value` on every rank (a name made from the clock); elsewhere `value`."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
-        return value
     from actlab import parallel
 
-    return parallel.broadcast(value, parallel.world())
+    return parallel.broadcast(value, parallel.world()) if parallel.launched_size() > 1 else value
 
 
 def _relaunch(nproc: int) -> None:
     """`--nproc N` (N > 1) outside torchrun: run this command line on N processes, then exit with their code."""
-    import os
+    from actlab import parallel
 
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from actlab.parallel import launch, without_nproc
-
-        raise typer.Exit(launch(nproc, without_nproc(sys.argv[1:])))
+    if nproc > 1 and parallel.launched_size() <= 1:
+        raise typer.Exit(parallel.launch(nproc, parallel.without_nproc(sys.argv[1:])))
 
 
 def parse_method(spec: str) -> tuple[str, dict]:

@@ -18,8 +18,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import torch
-
 from actlab.errors import ActlabError, ConfigError
 
 T = TypeVar("T")
@@ -39,7 +37,8 @@ class World:
         return self.size > 1
 
 
-def _launched_size() -> int:
+def launched_size() -> int:
+    """The number of processes torchrun started (1 outside torchrun), before any process group exists."""
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
@@ -48,12 +47,13 @@ def _launched_size() -> int:
 
 def world() -> World:
     """This process's place: initialises the process group the first time under torchrun (WORLD_SIZE > 1)."""
+    import torch
     import torch.distributed as dist
 
     if not dist.is_available():
         return World()
     if not dist.is_initialized():
-        if _launched_size() <= 1:
+        if launched_size() <= 1:
             return World()
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
@@ -81,7 +81,8 @@ def shard(count: int, world: World) -> range:
     return range(count * world.rank // world.size, count * (world.rank + 1) // world.size)
 
 
-def _object_device() -> torch.device:
+def _object_device() -> Any:
+    import torch
     import torch.distributed as dist
 
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

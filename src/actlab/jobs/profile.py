@@ -10,7 +10,7 @@ import shutil
 import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -258,15 +258,20 @@ def _union(profiler: Profiler, options: ProfileOptions, world: parallel.World) -
     if not world.distributed:
         return profiler
     parts = parallel.gather((profiler.state(), profiler.windows_seen, profiler.tokens_seen), world)
-    if parts is None:
-        return None
-    union = options.profiler(profiler.lm)
-    union.load_state(*parts[0])
-    for part in parts[1:]:
-        other = options.profiler(profiler.lm)
-        other.load_state(*part)
-        union.merge(other)
-    return union
+    return None if parts is None else _merged(profiler.lm, options, parts)
+
+
+def _merged(lm: LoadedModel, options: ProfileOptions, parts: Iterable[tuple[dict, int, int]]) -> Profiler:
+    """One profiler holding the union of saved states (state, windows, tokens), folded by each statistic's rule."""
+    merged: Profiler | None = None
+    for state, windows, tokens in parts:
+        part = options.profiler(lm)
+        part.load_state(state, windows, tokens)
+        if merged is None:
+            merged = part
+        else:
+            merged.merge(part)
+    return merged
 
 
 def finish(run: RunDirectory, profiler: Profiler, manifest: dict[str, Any]) -> None:
@@ -335,16 +340,7 @@ def merge(paths: list[str | Path], out: str | Path, log: Callable[[str], None] =
         raise RunDirectoryError(f"{target.path} already holds a run; merge into a new directory")
     lm = load_model(spec, log_fn=log)
     _require_identity(lm, recorded, str(runs[0].path), "the model it names now loads with other weights")
-    options = ProfileOptions(**first["options"])
-    merged: Profiler | None = None
-    for r in runs:
-        p = options.profiler(lm)
-        state, windows, tokens = r.load_state()
-        p.load_state(state, windows, tokens)
-        if merged is None:
-            merged = p
-        else:
-            merged.merge(p)
+    merged = _merged(lm, ProfileOptions(**first["options"]), (r.load_state() for r in runs))
     with target.locked():
         manifest = {**first, "kind": "profile-merge", "run_id": uuid.uuid4().hex, "sources": [
             {"path": str(r.path.resolve()), "run_id": m.get("run_id"), "data": m["data"], "protocol": m["protocol"],
