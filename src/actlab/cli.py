@@ -481,12 +481,97 @@ def _list_layer_methods(as_json: bool) -> None:
     print("parameters go after the name: --method joint:repair=mean;rank=16")
 
 
+@app.command("quant")
+def quant_cmd(
+    model: ModelOpt = DEFAULT_MODEL,
+    method: Annotated[str, typer.Option(help="a quantization method, with options after a colon (e.g. "
+                                             "gptq:act_order=true); see --list-methods")] = "rtn",
+    bits: Annotated[int | None, typer.Option(help="code bits per weight, 2-8 (default: the method's, 4; "
+                                                  "smoothquant 8)")] = None,
+    group: Annotated[int | None, typer.Option(help="input channels per scale (0: one scale per output channel; "
+                                                   "default 64, smoothquant 0)")] = None,
+    symmetric: Annotated[bool | None, typer.Option("--symmetric/--asymmetric", help="a scale per group (Q4_0-like), "
+                                                   "or a scale and an offset (Q4_1-like, the default)")] = None,
+    avg_bits: Annotated[float | None, typer.Option("--avg-bits", help="mixed precision: the average code bits per "
+                                                   "weight to allocate (methods mixed, layerwise)")] = None,
+    head: Annotated[bool, typer.Option("--head", help="quantize the LM head too")] = False,
+    save: Annotated[str | None, typer.Option(help="the quant recipe file (.json or .yaml)")] = None,
+    calib: CalibOpt = None,
+    seq_len: SeqLenOpt = 1024,
+    calib_windows: CalibWindowsOpt = 4,
+    eval_data: EvalDataOpt = None,
+    windows: Annotated[int, typer.Option(min=0, help="held-out windows for dense and quantized perplexity "
+                                                     "(0: none)")] = 0,
+    list_methods: Annotated[bool, typer.Option("--list-methods", help="list the methods and exit")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Quantize the weights of every projection (RTN, AWQ, GPTQ, SmoothQuant W8A8, mixed precision); evaluate,
+    compose and export the recipe like any other.
+
+    \b
+    Examples:
+      actlab quant --method rtn --bits 4 --group 64 --save rtn4.json
+      actlab quant --method awq --bits 3 --group 64 --windows 8 --save awq3.json
+      actlab quant --method gptq:act_order=true --bits 3 --group 64 --save gptq3.json
+      actlab quant --method mixed --avg-bits 3.5 --group 64 --save mixed35.json
+      actlab quant --method smoothquant --save w8a8.json
+      actlab quant --list-methods
+    """
+    if list_methods:
+        _list_quant_methods(as_json)
+        return
+    from actlab.errors import ConfigError
+    from actlab.jobs.quant import quant_job
+
+    if not save:
+        raise ConfigError("give --save: the quant recipe file to write (.json or .yaml)")
+    name, params = parse_method(method)
+    out = quant_job(model, save=save, method=name, bits=bits, group=group, symmetric=symmetric, avg_bits=avg_bits,
+                    head=head, params=params, calib=calib, seq_len=seq_len, calib_windows=calib_windows,
+                    eval_data=eval_data, windows=windows, log=_log)
+    lines = [f"{out['recipe']} -> {save}", f"{out['quantized']} matrices, {out['average_bits']:.2f} code bits per "
+             f"weight on average; {out['cost_line']}"]
+    if "ppl" in out:
+        lines.append(f"ppl {out['dense_ppl']:.3f} dense -> {out['ppl']:.3f} ({out['ppl'] / out['dense_ppl'] - 1:+.1%}) "
+                     f"on {out['eval_data']}")
+    _emit(out, as_json, "\n".join(lines))
+
+
+def _list_quant_methods(as_json: bool) -> None:
+    import dataclasses
+
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from actlab.transforms.quant import METHODS, QuantMethod
+
+    common = {f.name for f in dataclasses.fields(QuantMethod)}
+    rows = [{"method": name, "calibration": cls.calibrated, "mixed": cls.mixed,
+             "parameters": {f.name: f.default for f in dataclasses.fields(cls)
+                            if f.name not in common or f.default != next(
+                                g.default for g in dataclasses.fields(QuantMethod) if g.name == f.name)},
+             "paper": cls.paper} for name, cls in METHODS.items()]
+    if as_json:
+        print(json.dumps(rows, default=str))
+        return
+    table = Table("method", "data", "bits", "parameters (default)", "paper")
+    for r in rows:
+        table.add_row(r["method"], "calibration" if r["calibration"] else "none",
+                      "--avg-bits" if r["mixed"] else "--bits",
+                      escape(", ".join(f"{k}={v}" for k, v in r["parameters"].items()) or "-"), escape(r["paper"]))
+    Console(width=max(160, Console().width)).print(table)
+    print("parameters go after the name: --method gptq:act_order=true;damp=0.02")
+
+
 @app.command("export")
 def export_cmd(
     model: ModelOpt = DEFAULT_MODEL,
     recipe: Annotated[str | None, typer.Option(help="a recipe to export with the model (none: dense)")] = None,
     out: Annotated[str, typer.Option(help="the directory to create (hf) or the .gguf file to write")] = "",
     fmt: Annotated[str, typer.Option("--format", help="hf | gguf")] = "hf",
+    dtype: Annotated[str, typer.Option(help="gguf: the type of the matrices a quant recipe does not set: f32, f16, "
+                                            "q8_0, q5_0, q5_1, q4_0 or q4_1")] = "f32",
     as_json: JsonOpt = False,
 ) -> None:
     """Export a model (with a recipe) as a Hugging Face directory or a GGUF file. What a recipe can fold into
@@ -497,10 +582,12 @@ def export_cmd(
     Examples:
       actlab export --recipe la50.json --out exported/
       actlab export --out smollm2.gguf --format gguf
+      actlab export --recipe gptq4.json --out smollm2-gptq4.gguf --format gguf
+      actlab export --out smollm2-q8.gguf --format gguf --dtype q8_0
     """
     from actlab.jobs.export import export_job
 
-    report = export_job(model, recipe, out, fmt=fmt, log=_log)
+    report = export_job(model, recipe, out, fmt=fmt, dtype=dtype, log=_log)
     _emit(report, as_json, "\n".join(report["notes"] + [f"-> {report['path']}"]))
 
 

@@ -7,6 +7,8 @@ while computing it (`under`: calibrate one transform on top of another). Generic
 - `channel_mean_sq`: per-channel E[x^2] at a site kind (every layer);
 - `input_grad_rms`: per projection input channel, sqrt(E[(dL/dx_i)^2]) of the next-token loss, through that
   projection only (see `collectors.GradientEnergy`);
+- `output_grad_rms`: the same at each projection's output channels;
+- `input_moments`: each projection's input second moment E[x x^T];
 - `input_samples`: each projection's input on the first calibration tokens;
 - `layer_replay`: each decoder layer's recorded call, to re-run one layer alone.
 
@@ -168,10 +170,16 @@ class CalibrationSet:
         what = "gradtypical" if robust else "gradrms"
         return self._cached(what, int(len(use)), lambda: self._collect_grad_rms(use, progress, robust))
 
-    def _collect_grad_rms(self, windows: torch.Tensor, progress: bool, robust: bool = False) -> dict[str, torch.Tensor]:
-        """Gradient with respect to each projection's input *through that projection only*:
-        W^T dL/dy from the output gradient (q, k and v share one input tensor, whose own gradient
-        would mix the three paths)."""
+    def output_grad_rms(self, windows: int | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
+        """Per projection output channel: sqrt(E[(dL/dy_o)^2]), L = mean next-token loss of a window."""
+        use = self.windows if windows is None else self.windows[:windows]
+        return self._cached("outgradrms", int(len(use)), lambda: self._collect_grad_rms(use, progress, side="output"))
+
+    def _collect_grad_rms(self, windows: torch.Tensor, progress: bool, robust: bool = False,
+                          side: str = "input") -> dict[str, torch.Tensor]:
+        """Gradient with respect to each projection's output (`side="output"`), or its input *through that
+        projection only* (`"input"`): W^T dL/dy from the output gradient (q, k and v share one input tensor,
+        whose own gradient would mix the three paths)."""
         lm = self.lm
         energy: dict[str, GradientEnergy] = {}
         count = 0
@@ -181,10 +189,13 @@ class CalibrationSet:
         def watch(key: str):
             weight, rows = views[key].weight(), views[key].rows  # rows: this projection's part of a fused module
 
+            def through(g: torch.Tensor) -> torch.Tensor:
+                g = select_rows(g.detach(), rows).reshape(-1, weight.shape[0])
+                return g if side == "output" else g @ weight
+
             def hook(_m, _a, out):
                 if out.requires_grad:
-                    out.register_hook(lambda g: energy.setdefault(key, GradientEnergy(robust)).add(
-                        select_rows(g.detach(), rows).reshape(-1, weight.shape[0]) @ weight))
+                    out.register_hook(lambda g: energy.setdefault(key, GradientEnergy(robust)).add(through(g)))
             return hook
 
         with contextlib.ExitStack() as stack:
@@ -198,6 +209,21 @@ class CalibrationSet:
                 F.cross_entropy(logits[0, :-1].float(), ids[0, 1:]).backward()
                 count += ids.shape[1]
         return {k: e.rms(count) for k, e in energy.items()}
+
+    def input_moments(self, keys: list[str], progress: bool = True) -> dict[str, torch.Tensor]:
+        """Each projection's input second moment E[x x^T] [in, in] over every calibration token (with the recipes
+        of `observed_under()` attached, before their edits at that input)."""
+        sums: dict[str, torch.Tensor] = {}
+        count: dict[str, int] = {}
+
+        def observe(key, x):
+            x = x.detach().reshape(-1, x.shape[-1]).float()
+            sums[key] = sums[key] + x.T @ x if key in sums else x.T @ x
+            count[key] = count.get(key, 0) + x.shape[0]
+
+        with self.observing(keys, "input", observe):
+            self.run_windows("input moments", progress)
+        return {k: v / count[k] for k, v in sums.items()}
 
     def input_samples(self, keys: list[str], tokens: int = 512) -> dict[str, torch.Tensor]:
         """Each projection's input [tokens, in] on the first `tokens` calibration tokens (with the recipes of

@@ -1,10 +1,11 @@
-"""A batch-1 greedy decode engine for any supported architecture, dense or under a sparsity recipe.
+"""A batch-1 greedy decode engine for any supported architecture, dense or under a recipe the plan lowers.
 
 Prefill runs the unmodified HF model once over the prompt (with the recipe attached, so it is exactly the
 masked reference) and copies its key/value cache into a preallocated one. Each decoded token then goes
 through a hand-written loop over the adapter's parts: the model's own norms, activation and rotary tables,
-our GEMV kernels for every projection, attention over the preallocated cache, and the exact-argmax LM head.
-Per token this is a few dozen small tensor operations per layer and no HF module machinery.
+our GEMV kernels for every projection (float32, or a quant recipe's codes), attention over the preallocated
+cache, and the exact-argmax LM head. Per token this is a few dozen small tensor operations per layer and no HF
+module machinery.
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ from actlab.engine.kernels import load_kernels
 from actlab.engine.linear import ActSparseMLP, EngineLinear
 from actlab.engine.lm_head import ExactArgmaxHead
 from actlab.engine.plan import EnginePlan
+from actlab.engine.quantized import DequantizedView, QuantLinear, quant_kernels, warn_without_kernels
 from actlab.errors import ConfigError
+from actlab.models.adapter import LinearView
 from actlab.models.compat import output_cache
 from actlab.models.keys import MLP_ROLES, layer_key, projection_key
 from actlab.models.loader import LoadedModel
 from actlab.probe.edit import ForwardContext
 from actlab.transforms.compose import attach
+from actlab.transforms.quant.recipe import HEAD, effective_weight
 from actlab.transforms.sparsity.budget import effective_sparsity, projection_params
 
 NO_ROPE = torch.empty(0)
@@ -159,6 +163,8 @@ class DecodeEngine:
         self.lm, self.recipe = lm, recipe
         ad = lm.adapter
         self.kernels = load_kernels(native)
+        self.qkernels = quant_kernels() if native and self.plan.quant else None
+        self._warned = False
         self.max_len = min(max_len, ad.max_context or max_len)
         self.num_heads, self.num_kv, self.head_dim = ad.num_heads, ad.num_kv_heads, ad.head_dim
         self.q_prescaled = ad.spec.q_prescaled
@@ -167,7 +173,7 @@ class DecodeEngine:
         self.parallel_residual = ad.parallel_residual
         # the kernel turns whole heads; a partial rotary embedding (GPT-NeoX, some Phi-3) is applied here
         self.partial_rope = ad.rotary is not None and ad.rotary_dim < ad.head_dim
-        rules, bias, plan = self.plan.rules, self.plan.bias, self.plan
+        rules, _bias, plan = self.plan.rules, self.plan.bias, self.plan
         rope = self._rope_tables()
         self.layers: list[EngineLayer] = []
         with torch.no_grad():
@@ -184,15 +190,16 @@ class DecodeEngine:
                 act_rule = rules.get(projection_key(i, "down"))
                 act_sparse = act_rule is not None and act_rule.source == "act"
                 kept = {role for role in layer.linears if (feed_forward if role in MLP_ROLES else attention)}
-                proj = {role: EngineLinear(view, rules.get(projection_key(i, role)), self.kernels,
-                                           bias.get(projection_key(i, role)))
+                proj = {role: self._projection(view, projection_key(i, role))
                         for role, view in layer.linears.items()
                         if role in kept and not (act_sparse and role in ("up", "down"))}
                 if not feed_forward:
                     mlp = None
                 elif act_sparse:
-                    mlp = ActSparseMLP(proj["gate"], layer.linears.get("up"), layer.linears["down"], layer.act_fn,
-                                       act_rule, self.kernels)
+                    up = layer.linears.get("up")
+                    mlp = ActSparseMLP(proj["gate"], up and self._dequantized(up, projection_key(i, "up")),
+                                       self._dequantized(layer.linears["down"], projection_key(i, "down")),
+                                       layer.act_fn, act_rule, self.kernels)
                 elif layer.gated_mlp:
                     mlp = (lambda x, p=proj, act=direct(layer.act_fn): p["down"](act(p["gate"](x)) * p["up"](x)))
                 else:
@@ -214,13 +221,27 @@ class DecodeEngine:
                     feed_forward=feed_forward, attn_repair=_repair_fn(plan.repairs.get(f"{layer_key(i)}.attn")),
                     mlp_repair=_repair_fn(plan.repairs.get(f"{layer_key(i)}.mlp"))))
             self.final_norm = fused_norm(ad.final_norm, ad.hidden_size, self.kernels)
-            self.head = ExactArgmaxHead(ad.lm_head.weight, getattr(ad.lm_head, "bias", None), self.kernels)
+            head = self._dequantized(LinearView(HEAD, ad.lm_head), HEAD).weight()
+            self.head = ExactArgmaxHead(head, getattr(ad.lm_head, "bias", None), self.kernels)
             self.pos_table = None if ad.pos_embed is None else ad.pos_embed.weight.detach().float()
         shape = (sum(x.attention for x in self.layers), self.num_kv, self.max_len, self.head_dim)
         self.k_cache = torch.zeros(shape)
         self.v_cache = torch.zeros(shape)
 
     # -- setup ---------------------------------------------------------------------------------
+    def _projection(self, view: LinearView, key: str) -> EngineLinear:
+        rule, bias = self.plan.rules.get(key), self.plan.bias.get(key)
+        if key not in self.plan.quant:
+            return EngineLinear(view, rule, self.kernels, bias)
+        if self.qkernels is None and not self._warned:
+            warn_without_kernels()
+            self._warned = True
+        return QuantLinear(view, rule, self.kernels, self.plan.quant[key], self.qkernels, bias)
+
+    def _dequantized(self, view: LinearView, key: str):
+        """`view`, or under a quant recipe a view of its dequantized weights (the float32 paths: act rules, head)."""
+        return view if key not in self.plan.quant else DequantizedView(view, effective_weight(self.plan.quant[key]))
+
     def _rope_tables(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         ad = self.lm.adapter
         if ad.rotary is None:

@@ -1,8 +1,9 @@
 """Lowering a (composed) recipe to what the decode engine does per layer and per projection.
 
 The engine runs activation-sparsity rules inside its GEMV kernels (threshold, top-k, relative, statistical),
-output biases, removed blocks and sublayers (skipped, with their KV cache; a repair in their place), and
-interventions on the residual stream (steering vectors, ablations at resid_in / resid_out).
+weight-only quantization (8- and 4-bit grouped kernels, sparse or not), output biases, removed blocks and
+sublayers (skipped, with their KV cache; a repair in their place), and interventions on the residual stream
+(steering vectors, ablations at resid_in / resid_out).
 Anything else is refused with a one-line error naming the recipe, before any weight is laid out.
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 from actlab.errors import ConfigError
 from actlab.transforms.compose import members, validate
 from actlab.transforms.layers import LayerRecipe
+from actlab.transforms.quant import QuantRecipe
 from actlab.transforms.sparsity import MaskRule, SparsityRecipe
 from actlab.transforms.steer import InterventionRecipe
 
@@ -32,6 +34,7 @@ class EnginePlan:
     sparsity: list[SparsityRecipe] = field(default_factory=list)
     # (layer, "resid_in" | "resid_out") -> the edits applied to the residual stream there, in order
     resid_edits: dict[tuple[int, str], list[Any]] = field(default_factory=dict)
+    quant: dict[str, dict[str, Any]] = field(default_factory=dict)  # projection key or "lm_head" -> recipe entry
 
     @classmethod
     def lower(cls, lm: Any, recipe: Any | None) -> EnginePlan:
@@ -57,9 +60,16 @@ class EnginePlan:
                     (plan.skip_attn if sub == "attn" else plan.skip_mlp).add(i)
             elif isinstance(part, InterventionRecipe):
                 plan.add_interventions(lm, part)
+            elif isinstance(part, QuantRecipe):
+                a8 = next((k for k, e in part.weights.items() if "act_bits" in e), None)
+                if a8 is not None:
+                    raise ConfigError(f"the decode engine runs weight-only quantization; {part.describe()} also "
+                                      f"rounds activations ({a8}: W8A8), which runs through hooks in `actlab eval`")
+                plan.quant.update(part.weights)
             else:
-                raise ConfigError(f"the decode engine cannot run {part.describe()} yet (it runs sparsity, layer and "
-                                  "intervention recipes); evaluate it through hooks with `actlab eval`")
+                raise ConfigError(f"the decode engine cannot run {part.describe()} yet (it runs sparsity, layer, "
+                                  "quantization and intervention recipes); evaluate it through hooks with "
+                                  "`actlab eval`")
         return plan
 
     def add_interventions(self, lm: Any, recipe: InterventionRecipe) -> None:

@@ -5,7 +5,9 @@ the name map (the `gguf` package's own, from HF module names), and the few value
 - Llama/Mistral q and k rows back in the interleaved rotary order HF's conversion undid, Gemma's norms stored
 as 1 + w, GPT-2's Conv1D weights transposed. The tokenizer is copied from the GGUF the model came from when
 there is one (both built-in models), else built from a byte-level BPE `tokenizer.json`. Tensors are written
-in float32 (or float16). Only what the weights compute can be exported: a runtime recipe cannot.
+in float32 (or float16, or one of GGUF's block types: Q8_0, Q5_0, Q5_1, Q4_0, Q4_1); the matrices of a quant
+recipe in the block type its grid maps to (`block_type_for`). Only what the weights compute can be exported: a
+runtime recipe cannot.
 """
 
 from __future__ import annotations
@@ -65,6 +67,32 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
 }
 
 
+# GGUF's block types that the `gguf` package can write, by name; blocks of 32 weights along the input dimension
+BLOCK_TYPES = ("q8_0", "q5_0", "q5_1", "q4_0", "q4_1")
+DTYPES = ("f32", "f16", *BLOCK_TYPES)
+BLOCK = 32
+
+
+def block_type_for(grid: Any) -> str:
+    """The GGUF type that holds a quant recipe's grid: the same bits and symmetry where GGUF has them (4-bit
+    groups of 32: Q4_0 / Q4_1, exact up to their float16 scales), else the next wider type (2-3 bits: Q4, 6-8
+    bits: Q8_0), into which the recipe's values are re-rounded."""
+    if grid.bits <= 4:
+        return "q4_0" if grid.symmetric else "q4_1"
+    if grid.bits == 5:
+        return "q5_0" if grid.symmetric else "q5_1"
+    return "q8_0"
+
+
+def _file_type(types: list[str], dtype: str) -> int:
+    import gguf
+
+    names = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q5_0": "MOSTLY_Q5_0",
+             "q5_1": "MOSTLY_Q5_1", "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1"}
+    common = max(set(types), key=types.count) if types else dtype
+    return int(getattr(gguf.LlamaFileType, names[common]))
+
+
 def export_gguf(lm: Any, recipe: Any | None, out: str | Path, dtype: str = "f32") -> dict[str, Any]:
     import gguf
 
@@ -72,6 +100,8 @@ def export_gguf(lm: Any, recipe: Any | None, out: str | Path, dtype: str = "f32"
     from actlab.transforms.steer import InterventionRecipe
 
     out = Path(out).expanduser()
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if out.suffix.lower() != ".gguf":
         raise ConfigError(f"--out {out}: a GGUF export is one file; give a path ending in .gguf")
     if out.exists():
@@ -95,13 +125,15 @@ def export_gguf(lm: Any, recipe: Any | None, out: str | Path, dtype: str = "f32"
     arch = getattr(gguf.MODEL_ARCH, family.arch)
     names = gguf.get_tensor_name_map(arch, int(cfg.num_hidden_layers))
     tied = getattr(cfg, "tie_word_embeddings", False)
-    np_dtype = {"f32": np.float32, "f16": np.float16}[dtype]
+    grids = _quant_grids(model)
+    types: list[str] = []
     written = 0
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
         _hparams(writer, cfg, lm)
         _tokenizer(writer, lm)
-        for name, tensor in model.state_dict().items():
+        tensors = model.state_dict()
+        for name, tensor in tensors.items():
             if tied and name.endswith("lm_head.weight"):
                 continue  # llama.cpp reads the embedding when the output matrix is absent
             target = names.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -109,18 +141,52 @@ def export_gguf(lm: Any, recipe: Any | None, out: str | Path, dtype: str = "f32"
                 if name.endswith(("attn.bias", "attn.masked_bias")):  # GPT-2's causal-mask buffers
                     continue
                 raise ConfigError(f"GGUF export: no GGUF name for tensor {name} ({cfg.model_type})")
-            data = family.tensor(name, tensor.detach().float().cpu(), cfg)
-            data = data.numpy().astype(np_dtype if data.dim() > 1 else np.float32)  # norms and biases: float32
-            writer.add_tensor(target, np.ascontiguousarray(data))
+            data = family.tensor(name, tensor.detach().float().cpu(), cfg).numpy()
+            kind = _tensor_type(name, data, grids, dtype)
+            if kind in BLOCK_TYPES:
+                qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
+                writer.add_tensor(target, gguf.quants.quantize(np.ascontiguousarray(data, np.float32), qtype),
+                                  raw_dtype=qtype)
+                types.append(kind)
+            else:
+                plain = data.astype(np.float16 if kind == "f16" else np.float32)
+                writer.add_tensor(target, np.ascontiguousarray(plain))
             written += 1
+        writer.add_file_type(_file_type(types, dtype))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+    counts = {t: types.count(t) for t in sorted(set(types))}
+    kinds = ", ".join(f"{n} {t.upper()}" for t, n in counts.items())
     return {"path": str(out), "format": "gguf", "arch": gguf.MODEL_ARCH_NAMES[arch], "tensors": written,
-            "dtype": dtype, "folded": [p.describe() for p in folded], "embedded": [],
-            "notes": [f"GGUF {gguf.MODEL_ARCH_NAMES[arch]} ({written} tensors, {dtype})"] +
+            "dtype": dtype, "block_types": counts, "folded": [p.describe() for p in folded], "embedded": [],
+            "notes": [f"GGUF {gguf.MODEL_ARCH_NAMES[arch]} ({written} tensors{'; ' + kinds if kinds else ''}; "
+                      f"others {dtype if dtype not in BLOCK_TYPES else 'f32 (vectors)'})"] +
                      ([f"folded: {', '.join(p.describe() for p in folded)}"] if folded else [])}
+
+
+def _quant_grids(model: Any) -> dict[str, Any]:
+    """HF tensor name -> the grid a folded quant recipe left on its module (fused views: the narrowest)."""
+    from actlab.transforms.quant.recipe import QUANT_GRIDS
+
+    out = {}
+    for name, module in model.named_modules():
+        grids = getattr(module, QUANT_GRIDS, None)
+        if grids:
+            out[f"{name}.weight"] = min(grids, key=lambda g: g.bits)
+    return out
+
+
+def _tensor_type(name: str, data: np.ndarray, grids: dict[str, Any], dtype: str) -> str:
+    """The GGUF type one tensor is written in: its quant grid's, else `dtype` for matrices; vectors float32."""
+    if data.ndim < 2:
+        return "f32"
+    kind = block_type_for(grids[name]) if name in grids else dtype
+    if kind in BLOCK_TYPES and data.shape[-1] % BLOCK:
+        raise ConfigError(f"GGUF export: {name} has {data.shape[-1]} input channels, not a multiple of GGUF's "
+                          f"blocks of {BLOCK}; export it in f32 or f16")
+    return kind
 
 
 def _unsupported_variant(cfg: Any) -> str | None:
@@ -168,7 +234,6 @@ def _hparams(writer: Any, cfg: Any, lm: Any) -> None:
         writer.add_value_length(ad.head_dim)
     if getattr(cfg, "sliding_window", None) and cfg.model_type == "gemma3_text":
         writer.add_sliding_window(int(cfg.sliding_window))
-    writer.add_file_type(0)
 
 
 def _tokenizer(writer: Any, lm: Any) -> None:

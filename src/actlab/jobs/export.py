@@ -12,7 +12,7 @@ from actlab.transforms import Recipe, compose, load_recipe, validate
 FORMATS = ("hf", "gguf")
 
 
-def export_job(model: str, recipe_path: str | None, out: str, fmt: str = "hf",
+def export_job(model: str, recipe_path: str | None, out: str, fmt: str = "hf", dtype: str = "f32",
                log: Callable[[str], None] = print) -> dict[str, Any]:
     from actlab.export import export_gguf, export_hf
 
@@ -20,9 +20,11 @@ def export_job(model: str, recipe_path: str | None, out: str, fmt: str = "hf",
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if not out:
         raise ConfigError("give --out: a new directory (hf) or a .gguf file (gguf)")
+    if fmt == "hf" and dtype != "f32":
+        raise ConfigError("--dtype is for --format gguf (an HF export keeps the model's own dtype)")
     recipe = load_recipe(recipe_path) if recipe_path else None
     lm = setup.model(model, log)
-    report = (export_hf if fmt == "hf" else export_gguf)(lm, recipe, out)
+    report = export_hf(lm, recipe, out) if fmt == "hf" else export_gguf(lm, recipe, out, dtype=dtype)
     return {"model": lm.name, "recipe": recipe.describe() if recipe else None, **report}
 
 

@@ -51,14 +51,7 @@ def layers_job(model: str, *, save: str, remove: str | None = None, method: str 
         out["calib_loss"] = calibration_loss(data, recipe.drop, repair=recipe.repair)
         out["calib_data"] = data.corpus.get("name")
     if windows:
-        from actlab.eval.perplexity import perplexity
-        from actlab.transforms import attach
-
-        corpus, eval_windows = setup.eval_windows(lm, eval_data, seq_len, windows)
-        out["dense_ppl"] = perplexity(lm, eval_windows, progress=progress).ppl
-        with attach(lm, recipe):
-            out["ppl"] = perplexity(lm, eval_windows, progress=progress, description="perplexity, removed").ppl
-        out["eval_data"] = corpus.name
+        out.update(setup.perplexity_with_and_without(lm, recipe, eval_data, seq_len, windows, progress))
     return out
 
 

@@ -27,3 +27,16 @@ def eval_windows(lm: LoadedModel, data: str | None, seq_len: int, windows: int |
 def calibration(lm: LoadedModel, data: str | None, seq_len: int, windows: int, **kw: Any) -> CalibrationSet:
     """The calibration set on the calibration part of `data` (see actlab.data.sources for roles)."""
     return CalibrationSet.from_corpus(lm, data, seq_len=seq_len, windows=windows, **kw)
+
+
+def perplexity_with_and_without(lm: LoadedModel, recipe: Any, data: str | None, seq_len: int, windows: int,
+                                progress: bool = True) -> dict[str, Any]:
+    """Held-out perplexity of the plain model and with `recipe` attached, on the same windows."""
+    from actlab.eval.perplexity import perplexity
+    from actlab.transforms import attach
+
+    corpus, ids = eval_windows(lm, data, seq_len, windows)
+    out: dict[str, Any] = {"dense_ppl": perplexity(lm, ids, progress=progress).ppl, "eval_data": corpus.name}
+    with attach(lm, recipe):
+        out["ppl"] = perplexity(lm, ids, progress=progress, description=f"perplexity, {recipe.describe()}").ppl
+    return out

@@ -35,14 +35,15 @@ class Claim:
     or a layer part ("layer:L3", "layer:L3.attn", "layer:L3.mlp"); `kind` how it changes it."""
 
     target: str
-    kind: str  # "mask" | "add" | "scale" | "replace" | "weights" | "drop"
+    kind: str  # "mask" | "add" | "scale" | "replace" | "weights" | "drop" | "quantize"
     owner: str = ""  # the recipe that claims it, for error messages
 
 
 # Two claims on one target can stack unless one of them replaces it, or both mask it (two activation-sparsity
-# rules on one projection input), or both rewrite the same weights (two quantizations of one matrix).
+# rules on one projection input), or both rewrite the same weights (two quantizations of one matrix), or both
+# quantize one input (two W8A8 recipes).
 EXCLUSIVE = {"replace"}
-NOT_TWICE = {"mask", "weights", "drop"}
+NOT_TWICE = {"mask", "weights", "drop", "quantize"}
 
 
 class Recipe(ABC):
@@ -162,5 +163,6 @@ def recipe_type(family: Any) -> type[Recipe]:
 def _load_families() -> None:
     """Import every family package so that their recipe types are registered."""
     import actlab.transforms.layers  # noqa: F401
+    import actlab.transforms.quant  # noqa: F401
     import actlab.transforms.sparsity  # noqa: F401
     import actlab.transforms.steer  # noqa: F401
