@@ -5,7 +5,8 @@ plain column beside every quantized one, paired standard errors).
     python bench/quant_table.py --model smollm2-135m --limit 200 --json bench/results/quant_smollm2.json
     python bench/quant_table.py --model gemma3-270m --limit 200 --json bench/results/quant_gemma3.json
 
-Settings are `method-bits-g<group>` (`mixed-3.5-g128`: an average of 3.5 bits; `smoothquant-8`: W8A8). Group
+Settings are `method-bits-g<group>[-option=value]` (`mixed-3.5-g128`: an average of 3.5 bits; `smoothquant-8`:
+W8A8; `gptq-3-gG-act_order=true`: a method option). Group
 `gG` stands for 128 where it divides every projection's input and otherwise the largest of 64 and 32 that does
 (SmolLM2's widths, 576 and 1536, are not multiples of 128). Both built-in models were published as 4-bit GGUF
 (SmolLM2: Q4_1, groups of 32) and are dequantized to float32: `rtn-4-g32` rebuilds SmolLM2's source grid.
@@ -28,8 +29,8 @@ from actlab.jobs import setup  # noqa: E402
 from actlab.jobs.eval import DEFAULT_TASKS, eval_job  # noqa: E402
 from actlab.jobs.quant import quant_job  # noqa: E402
 
-SETTINGS = ("rtn-4-g32,rtn-4-gG,awq-4-gG,gptq-4-gG,rtn-3-gG,awq-3-gG,gptq-3-gG,mixed-3.5-gG,layerwise-3.5-gG,"
-            "smoothquant-8")
+SETTINGS = ("rtn-4-g32,rtn-4-gG,awq-4-gG,gptq-4-gG-act_order=true,rtn-3-gG,awq-3-gG,gptq-3-gG-act_order=true,"
+            "mixed-3.5-gG,mixed-3.5-gG-quantizer=awq,layerwise-3.5-gG,smoothquant-8")
 
 
 def large_group(lm) -> int:
@@ -38,13 +39,18 @@ def large_group(lm) -> int:
 
 
 def parse(setting: str, big: int) -> dict:
+    """`method-bits-g<group>[-key=value...]` -> quant_job's arguments (method options after the grid)."""
+    from actlab.cli import parse_method
+
     parts = setting.split("-")
     method = parts[0]
+    params = parse_method(":" + ";".join(p for p in parts[1:] if "=" in p))[1]
+    parts = [p for p in parts if "=" not in p]
     if method == "smoothquant":
-        return {"method": method}
+        return {"method": method, "params": params}
     bits = float(parts[1])
     group = big if parts[2] == "gG" else int(parts[2].removeprefix("g"))
-    out = {"method": method, "group": group}
+    out = {"method": method, "group": group, "params": params}
     if method in ("mixed", "layerwise"):
         out["avg_bits"] = bits
     else:
@@ -68,7 +74,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     made = {}
     for setting in [s.strip() for s in args.settings.split(",") if s.strip()]:
-        name = setting.replace("gG", f"g{big}")
+        name = setting.replace("gG", f"g{big}").replace("=", "_")
         path = work / f"{name}.json"
         spec = parse(setting, big)
         if not path.is_file():

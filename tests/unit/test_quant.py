@@ -40,7 +40,7 @@ def calib(lm, tmp_cache):
 
 def brute_force(w: np.ndarray, bits: int, group: int, symmetric: bool) -> np.ndarray:
     """Each weight replaced by the nearest of its group's 2^bits levels, the levels built from the group's range
-    as the formats define them (float64, one group at a time)."""
+    as the formats define them (scale and offset in float16, the rest in float64, one group at a time)."""
     out = np.empty_like(w, dtype=np.float64)
     n = 2 ** bits
     for r in range(w.shape[0]):
@@ -48,11 +48,11 @@ def brute_force(w: np.ndarray, bits: int, group: int, symmetric: bool) -> np.nda
             g = w[r, start:start + group].astype(np.float64)
             if symmetric:
                 big = g[np.argmax(np.abs(g))]
-                d = big / -(n // 2)
-                levels = d * (np.arange(n) - n // 2)
+                d = np.float16(big / -(n // 2))  # scales and offsets are stored as float16
+                levels = np.float64(d) * (np.arange(n) - n // 2)
             else:
-                d = (g.max() - g.min()) / (n - 1)
-                levels = g.min() + d * np.arange(n)
+                d = np.float16((g.max() - g.min()) / (n - 1))
+                levels = np.float64(np.float16(g.min())) + np.float64(d) * np.arange(n)
             out[r, start:start + group] = levels[np.abs(g[:, None] - levels[None, :]).argmin(axis=1)]
     return out
 
@@ -73,7 +73,7 @@ def test_a_matrix_on_the_grid_comes_back_exactly():
     grid = Grid(4, 32, False)
     codes = torch.randint(0, 16, (8, 64), generator=g, dtype=torch.uint8)
     codes[:, ::32], codes[:, 1::32] = 0, 15  # every group reaches both ends of its range
-    scale, offset = torch.rand(8, 2, generator=g) + 0.1, torch.randn(8, 2, generator=g)
+    scale, offset = (torch.rand(8, 2, generator=g) + 0.1).half().float(), torch.randn(8, 2, generator=g).half().float()
     w = (codes.float().reshape(8, 2, 32) * scale[..., None] + offset[..., None]).reshape(8, 64)
     q = quantize(w, grid)
     torch.testing.assert_close(q.dequantize(), w, rtol=0, atol=1e-6)

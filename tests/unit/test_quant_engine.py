@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import actlab
 from actlab.calib import CalibrationSet
 from actlab.engine.decode import DecodeEngine
-from actlab.engine.quantized import QuantLinear, dense_codes, offsets, quant_kernels, sparse_codes
+from actlab.engine.quantized import QuantLinear, offsets, quant_kernels, sparse_codes
 from actlab.engine.reference import hf_generate, prompt_ids
 from actlab.errors import ConfigError
 from actlab.transforms import attach, compose
@@ -41,23 +41,24 @@ def test_kernels_equal_the_dequantized_product(out, groups, group, bits, symmetr
     q, x = _case(out, groups, group, bits, symmetric, seed)
     w = q.dequantize().double()
     four = bits <= 4
-    dense = QK.q_gemv(dense_codes(q.codes, group, four), q.scale.float().contiguous(), offsets(q).contiguous(), x,
-                      group, four)
+    layout = (sparse_codes(q.codes, four), q.scale.half().t().contiguous(), offsets(q).half().t().contiguous())
+    dense, kept = QK.q_sparse_gemv(*layout, x, torch.empty(0), -1.0, torch.empty(0), group, four)
+    assert kept == x.shape[0]
     torch.testing.assert_close(dense.double(), w @ x.double(), rtol=1e-4, atol=1e-3)
     score = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(seed + 1)) + 0.5
     cutoff = float(torch.quantile((x.abs() * score).double(), sparsity)) if sparsity > 0 else -1.0
     keep = (x.abs() * score) > cutoff
     value = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(seed + 2)) + 0.5
-    y, kept = QK.q_sparse_gemv(sparse_codes(q.codes, four), q.scale.float().t().contiguous(),
-                               offsets(q).t().contiguous(), x, score, cutoff, value, group, four)
+    y, kept = QK.q_sparse_gemv(*layout, x, score, cutoff, value, group, four)
     assert kept == int(keep.sum())
     torch.testing.assert_close(y.double(), w[:, keep] @ (x * value)[keep].double(), rtol=1e-4, atol=1e-3)
 
 
 def test_kernels_refuse_codes_that_do_not_tile_the_groups():
     q, x = _case(4, 2, 16, 4, False, 0)
-    with pytest.raises(RuntimeError, match="whole groups"):
-        QK.q_gemv(dense_codes(q.codes, 16, True), q.scale.contiguous(), offsets(q).contiguous(), x, 12, True)
+    layout = (sparse_codes(q.codes, True), q.scale.half().t().contiguous(), offsets(q).half().t().contiguous())
+    with pytest.raises(RuntimeError, match="tile the input channels"):
+        QK.q_sparse_gemv(*layout, x, torch.empty(0), -1.0, torch.empty(0), 12, True)
 
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-qwen2", "tiny-gemma3", "tiny-phi3", "tiny-gpt2"])

@@ -27,16 +27,6 @@ def offsets(q: Any) -> torch.Tensor:
     return q.offset.float() if q.offset is not None else -q.scale.float() * (q.grid.levels // 2)
 
 
-def dense_codes(codes: torch.Tensor, group: int, four_bit: bool) -> torch.Tensor:
-    """[out, in] codes in the dense kernel's layout: 4-bit, per group of G channels, byte k = channel k (low
-    nibble) and channel G/2 + k (high nibble)."""
-    if not four_bit:
-        return codes.contiguous()
-    out, cols = codes.shape
-    halves = codes.reshape(out, cols // group, 2, group // 2)
-    return (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(out, cols // 2).contiguous()
-
-
 def sparse_codes(codes: torch.Tensor, four_bit: bool) -> torch.Tensor:
     """[out, in] codes transposed to [in, out] for the input-sparse kernel: 4-bit, byte j of a row = output j (low
     nibble) and output out/2 + j (high)."""
@@ -52,7 +42,7 @@ def quant_kernels():
 
 
 class QuantLinear(EngineLinear):
-    """A projection on its codes; with an input rule, transposed codes and the channel-skipping kernel."""
+    """A projection on its codes (transposed, one kernel for dense and input-sparse products)."""
 
     def __init__(self, view: LinearView, rule: MaskRule | None, kernels, quant: dict[str, Any], qkernels,
                  bias_extra: list[float] | None = None):
@@ -60,37 +50,33 @@ class QuantLinear(EngineLinear):
         self.qkernels = qkernels
         self.grid = q.grid
         self.group = q.grid.group_size(q.codes.shape[1])
-        self.four_bit = q.grid.bits <= 4 and self.group % 2 == 0 and q.codes.shape[0] % 2 == 0
+        self.four_bit = q.grid.bits <= 4 and q.codes.shape[0] % 2 == 0  # two outputs a byte
         s = quant.get("input_scale")
         self.inv_s = None if s is None else (1.0 / s.float()).contiguous()
         super().__init__(DequantizedView(view, effective_weight(quant)), rule, kernels, bias_extra)
         self.native = qkernels is not None
         if not self.native:
             return  # EngineLinear's float32 layout of the dequantized weights
-        scale, offset = q.scale.float(), offsets(q)
-        if self.rule is None:
-            del self.w
-            self.codes = dense_codes(q.codes, self.group, self.four_bit)
-            self.d, self.m = scale.contiguous(), offset.contiguous()
-        else:
-            del self.wt
-            self.codes_t = sparse_codes(q.codes, self.four_bit)
-            self.d_t, self.m_t = scale.t().contiguous(), offset.t().contiguous()
-            self.value_scale = self.inv_s if self.inv_s is not None else torch.empty(0)
+        for layout in ("w", "wt"):  # the float32 layout is not needed
+            self.__dict__.pop(layout, None)
+        self.codes_t = sparse_codes(q.codes, self.four_bit)
+        self.d_t, self.m_t = q.scale.half().t().contiguous(), offsets(q).half().t().contiguous()
+        self.value_scale = self.inv_s if self.inv_s is not None else torch.empty(0)
+        self.no_scale = torch.empty(0)
 
     def bytes_read(self, kept_fraction: float = 1.0) -> float:
         if not self.native:
             return super().bytes_read(kept_fraction)
         per_weight = 0.5 if self.four_bit else 1.0
         groups = self.in_features // self.group
-        return self.in_features * self.out_features * per_weight * kept_fraction + 2 * 4 * groups * self.out_features
+        return self.in_features * self.out_features * per_weight * kept_fraction + 2 * 2 * groups * self.out_features
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.native:
             return super().__call__(x)
-        if self.rule is None:
-            xs = x if self.inv_s is None else x * self.inv_s
-            y = self.qkernels.q_gemv(self.codes, self.d, self.m, xs, self.group, self.four_bit)
+        if self.rule is None:  # a negative threshold keeps every channel
+            y, _ = self.qkernels.q_sparse_gemv(self.codes_t, self.d_t, self.m_t, x, self.no_scale, -1.0,
+                                               self.value_scale, self.group, self.four_bit)
         else:  # the mask decided on x as the float32 kernels decide it, the kept values divided by s
             cutoff = self.fixed_cutoff if self.fixed_cutoff is not None else self.cutoff(x)
             y, kept = self.qkernels.q_sparse_gemv(self.codes_t, self.d_t, self.m_t, x, self.scale, cutoff,

@@ -39,16 +39,18 @@ def activation_scale(x: torch.Tensor, alpha: float) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
-def scaled_error(weights: list[torch.Tensor], x: torch.Tensor, s: torch.Tensor, grid: Grid) -> float:
-    """Output error, summed over the projections reading `x`, of quantizing W diag(s) and undoing s."""
+def scaled_error(weights: list[torch.Tensor], x: torch.Tensor, s: torch.Tensor, grid: Grid | list[Grid]) -> float:
+    """Output error, summed over the projections reading `x`, of quantizing W diag(s) (each on its grid) and
+    undoing s."""
     total = 0.0
-    for w in weights:
-        w_hat = fake_quantize(w * s[None, :], grid) / s[None, :]
+    grids = grid if isinstance(grid, list) else [grid] * len(weights)
+    for w, g in zip(weights, grids):
+        w_hat = fake_quantize(w * s[None, :], g) / s[None, :]
         total += float(((x @ (w - w_hat).T) ** 2).sum())
     return total / x.shape[0]
 
 
-def search_scale(weights: list[torch.Tensor], x: torch.Tensor, grid: Grid, n_grid: int = 20
+def search_scale(weights: list[torch.Tensor], x: torch.Tensor, grid: Grid | list[Grid], n_grid: int = 20
                  ) -> tuple[float, torch.Tensor, list[tuple[float, float]]]:
     """(alpha*, s(alpha*), [(alpha, error)...]) over alpha = 0, 1/n_grid, ..., (n_grid-1)/n_grid."""
     tried = [(i / n_grid, scaled_error(weights, x, activation_scale(x, i / n_grid), grid)) for i in range(n_grid)]
@@ -88,10 +90,11 @@ class AWQ(QuantMethod):
         return {**super().params(), "n_grid": self.n_grid, "alpha": self.alpha, "clip": self.clip,
                 "max_shrink": self.max_shrink, "clip_grid": self.clip_grid, "tokens": self.tokens}
 
-    def calibrate(self, calib: Any, target: float | None = None) -> QuantRecipe:
+    def calibrate(self, calib: Any, target: float | None = None, grids: dict[str, Grid] | None = None) -> QuantRecipe:
+        """`grids`: a grid per projection key (mixed precision); default every projection on this method's."""
         lm = calib.lm
-        self.check_grid(lm)
-        grid = self.grid()
+        grids = grids or dict.fromkeys(self.targets(lm), self.grid())
+        self.check_grid(lm, grids)
         ratios = 1.0 - torch.arange(self.clip_grid) / self.clip_grid * self.max_shrink
         weights: dict[str, dict[str, Any]] = {}
         alphas: dict[str, float] = {}
@@ -101,18 +104,19 @@ class AWQ(QuantMethod):
             for roles in groups:
                 x = samples[projection_key(layer.index, roles[0])]
                 ws = [layer.linears[r].weight().detach().float() for r in roles]
+                own = [grids[projection_key(layer.index, r)] for r in roles]
                 if self.alpha is None:
-                    alpha, s, _ = search_scale(ws, x, grid, self.n_grid)
+                    alpha, s, _ = search_scale(ws, x, own, self.n_grid)
                 else:
                     alpha, s = self.alpha, activation_scale(x, self.alpha)
-                for role, w in zip(roles, ws):
+                for role, w, grid in zip(roles, ws, own):
                     key = projection_key(layer.index, role)
                     alphas[key] = alpha
                     scaled = w * s[None, :]
                     clip = search_clip(scaled, x / s[None, :], grid, ratios) if self.clip and role not in NO_CLIP \
                         else 1.0
                     weights[key] = entry(quantize(scaled, grid, clip), input_scale=s)
-        if self.head:
+        if HEAD in grids:
             view = self.targets(lm)[HEAD]
-            weights[HEAD] = entry(quantize(view.weight().detach().float(), grid))
+            weights[HEAD] = entry(quantize(view.weight().detach().float(), grids[HEAD]))
         return self.recipe(calib, weights, {"alpha": alphas, "tokens": self.tokens})

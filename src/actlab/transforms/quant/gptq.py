@@ -80,7 +80,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, block: int
             W[:, j + 1:stop] -= e[:, None] * U[j, j + 1:stop][None, :]
             err[:, j - start] = e
         W[:, stop:] -= err @ U[start:stop, stop:]
-    return Quantized(grid, codes, scale.float(), offset.float() if offset is not None else None)
+    return Quantized(grid, codes, scale.float(), offset.float() if offset is not None else None)  # float16 values
 
 
 def reconstruction_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:

@@ -8,8 +8,9 @@ code c in [0, 2^bits - 1]:
     symmetric   w ~ d * (c - 2^(bits-1))   d = v / -2^(bits-1), v the group's value of largest magnitude
                                                                                           (GGUF's Q4_0)
 
-Both represent the group's extreme values exactly and use every level; the symmetric scale may be negative
-(so that the largest magnitude, of either sign, sits on the lowest code). Groups lie along the input
+Both represent the group's extreme values (up to the float16 rounding of d and m, which are stored as float16 like
+GGUF's) and use every level; the symmetric scale may be negative (so that the largest magnitude, of either sign,
+sits on the lowest code). Groups lie along the input
 dimension so that a skipped input channel (activation sparsity) skips its codes and its group's scale.
 
 `clip` (in (0, 1]) shrinks a group's range before fitting: AWQ's and GPTQ's clipping search chooses it.
@@ -55,7 +56,7 @@ class Grid:
         return self.group
 
     def bits_per_weight(self, in_features: int) -> float:
-        """Code bits plus the group's float16 scale (and offset), per weight: what a packed format stores."""
+        """Code bits plus the group's float16 scale (and offset), per weight: what the recipe and GGUF store."""
         return self.bits + 16 * (1 if self.symmetric else 2) / self.group_size(in_features)
 
     def describe(self) -> str:
@@ -87,10 +88,15 @@ def fit(w: torch.Tensor, grid: Grid, clip: float | torch.Tensor = 1.0) -> tuple[
     if grid.symmetric:
         idx = groups.abs().argmax(dim=-1, keepdim=True)
         extreme = groups.gather(-1, idx).squeeze(-1) * clip
-        return extreme / -(grid.levels // 2), None
+        return half(extreme / -(grid.levels // 2)), None
     lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
     lo, hi = lo * clip, hi * clip  # shrunk toward zero, as the symmetric range is
-    return (hi - lo) / (grid.levels - 1), lo
+    return half((hi - lo) / (grid.levels - 1)), half(lo)
+
+
+def half(t: torch.Tensor) -> torch.Tensor:
+    """`t` rounded to float16 values (kept in float32): scales are stored as float16, as GGUF stores them."""
+    return t.half().float()
 
 
 def encode(w: torch.Tensor, grid: Grid, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:

@@ -14,7 +14,7 @@ projection at once; bisection on lambda meets the budget, and the bits left over
 the most loss per bit. Unlike the layer-wise ranking baseline (`layerwise`), each projection (q, k, v, o,
 gate, up, down) gets its own precision, and the gradient carries every downstream layer's sensitivity.
 
-The chosen grids are then quantized by RTN or GPTQ (`quantizer`).
+The chosen grids are then quantized by RTN, GPTQ or AWQ (`quantizer`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from actlab.transforms.quant.grid import Grid, fake_quantize
 from actlab.transforms.quant.recipe import HEAD, QuantRecipe
 from actlab.transforms.quant.rtn import rtn_weights
 
-QUANTIZERS = ("rtn", "gptq")
+QUANTIZERS = ("rtn", "gptq", "awq")
 
 
 def rounding_loss(w: torch.Tensor, grid: Grid, moment: torch.Tensor, grad_energy: torch.Tensor) -> float:
@@ -95,13 +95,13 @@ def allocate_bits(losses: dict[str, dict[int, float]], params: dict[str, int], a
 
 
 def quantize_grids(method: QuantMethod, calib: Any, grids: dict[str, Grid], quantizer: str) -> QuantRecipe:
-    """The recipe of `grids` (a grid per key) quantized by RTN or GPTQ."""
-    if quantizer == "gptq":
-        from actlab.transforms.quant.gptq import GPTQ
+    """The recipe of `grids` (a grid per key) quantized by RTN, GPTQ or AWQ."""
+    if quantizer in ("gptq", "awq"):
+        from actlab.transforms.quant import METHODS
 
-        gptq = GPTQ(bits=method.bits, group=method.group, symmetric=method.symmetric, head=method.head,
-                    progress=method.progress)
-        return gptq.calibrate(calib, grids=grids)
+        chosen = METHODS[quantizer](bits=method.bits, group=method.group, symmetric=method.symmetric,
+                                    head=method.head, progress=method.progress)
+        return chosen.calibrate(calib, grids=grids)
     weights = rtn_weights(method.targets(calib.lm), grids, method.progress)
     return QuantRecipe("rtn", calib.lm.identity.to_dict(), weights)
 

@@ -38,9 +38,9 @@ def entry(q: Quantized, input_scale: torch.Tensor | None = None, act_bits: int |
     """A recipe entry for `q` (codes of W diag(input_scale) when given)."""
     out: dict[str, Any] = {"bits": q.grid.bits, "group": q.grid.group, "symmetric": q.grid.symmetric,
                            "shape": list(q.codes.shape), "codes": pack(q.codes, q.grid.bits),
-                           "scale": q.scale.float().contiguous()}
+                           "scale": q.scale.half().contiguous()}  # float16 values already (grid.fit)
     if q.offset is not None:
-        out["offset"] = q.offset.float().contiguous()
+        out["offset"] = q.offset.half().contiguous()
     if input_scale is not None:
         out["input_scale"] = input_scale.float().contiguous()
     if act_bits is not None:
@@ -53,7 +53,9 @@ def entry_grid(e: dict[str, Any]) -> Grid:
 
 
 def entry_quantized(e: dict[str, Any]) -> Quantized:
-    return Quantized(entry_grid(e), unpack(e["codes"], e["bits"]), e["scale"], e.get("offset"))
+    offset = e.get("offset")
+    return Quantized(entry_grid(e), unpack(e["codes"], e["bits"]), e["scale"].float(),
+                     None if offset is None else offset.float())
 
 
 def effective_weight(e: dict[str, Any]) -> torch.Tensor:
