@@ -26,7 +26,9 @@ RUNNER = r"""
 import json, sys
 from llama_cpp import Llama
 path, prompt, ids, tokens, cvec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-llm = Llama(model_path=path, n_ctx=512, n_threads=2, verbose=False)
+# one token per evaluation: llama-cpp-python 0.3.36's batched matmul on quantized types segfaults on an
+# AVX-512 / AMX CPU (the prompt is a few tokens; the logits are the same)
+llm = Llama(model_path=path, n_ctx=512, n_threads=2, n_batch=1, n_ubatch=1, verbose=False)
 if cvec:  # as llama.cpp's common loader does: direction.{il} -> row il - 1 of an [n_layer - 1, n_embd] buffer
     import ctypes
     import gguf, llama_cpp

@@ -98,3 +98,20 @@ def test_bench_decode_refuses_what_it_cannot_run_before_calibrating():
     assert "exceed the model's context of 512" in _one_line(out) and "calibrating" not in out.stderr
     assert "engine methods" in _one_line(_run(["bench", "decode", "--model", "no/such-model", "--method",
                                                "coreinfer"]))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--bits", "9"], "bits must be an integer from 2 to 8"),
+    (["--bits", "1"], "bits must be an integer from 2 to 8"),
+    (["--group", "48"], "group 48 does not divide the 64 input channels of L0.q; groups that do: 16, 32, 64"),
+    (["--avg-bits", "3.5"], "--avg-bits is for the mixed-precision methods"),
+    (["--method", "mixed"], "give --avg-bits"),
+    (["--method", "mixed", "--avg-bits", "1.5", "--group", "32", "--calib-windows", "8", "--seq-len", "64"],
+     "below the lowest precision on offer (2 bits)"),
+    (["--method", "nope"], "unknown quantization method 'nope'"),
+    (["--method", "gptq:blocks=4"], "bad parameters for gptq"),
+])
+def test_bad_quantization_arguments_are_one_line_errors(args, message, tmp_path):
+    line = _one_line(_run(["quant", "--model", "tiny-llama", "--save", "q.json", *args], cwd=tmp_path))
+    assert message in line
+    assert not (tmp_path / "q.json").exists()

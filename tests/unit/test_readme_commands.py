@@ -21,8 +21,8 @@ from ..conftest import shared_data
 
 ROOT = Path(__file__).resolve().parents[2]
 TAKES_MODEL = {"ppl", "profile", "sparsify", "sparsity-at-ppl", "eval", "export", "bench", "layers", "steer", "patch",
-               "ablate"}
-SEQ_LEN = {"ppl", "profile", "sparsify", "sparsity-at-ppl", "layers", "ablate"}
+               "ablate", "quant"}
+SEQ_LEN = {"ppl", "profile", "sparsify", "sparsity-at-ppl", "layers", "ablate", "quant"}
 TINY = {"smollm2-135m": "tiny-llama", "gemma3-270m": "tiny-gemma3"}
 
 
@@ -59,6 +59,8 @@ def scaled(command: str) -> list[str]:
             out += [arg, "1-2"]
         elif arg == "--pairs" and value == "builtin:ioi":  # its answers share a first byte in the tiny vocabulary
             out += [arg, "ioi.jsonl"]
+        elif arg == "--group":  # the tiny models' widths (64, 160) are multiples of 32, not of 64
+            out += [arg, "32"]
         elif arg in ("--remove", "--part"):
             out += [arg, re.sub(r"L(\d+)", lambda m: f"L{int(m.group(1)) % 3}", value)]
         elif arg in ("--data", "--calib", "--eval") and value and value.startswith("../shared/"):
@@ -77,6 +79,8 @@ def scaled(command: str) -> list[str]:
     if sub in ("sparsify", "sparsity-at-ppl") and "--list-methods" not in out:
         out += ["--windows", "2", "--calib-windows", "8"] if "--windows" not in out else []
     if sub == "layers" and ("--method" in out or "--importance" in out):
+        out += ["--calib-windows", "8"]
+    if sub == "quant" and "--list-methods" not in out:
         out += ["--calib-windows", "8"]
     if sub == "sparsity-at-ppl":
         out += ["--steps", "2"]
@@ -111,6 +115,7 @@ def test_every_readme_command_runs(tmp_path):
     assert (tmp_path / "runs" / "eval" / "compare.html").is_file()
     assert (tmp_path / "pruned" / "config.json").is_file() and (tmp_path / "smollm2.gguf").is_file()
     assert (tmp_path / "runs" / "patch-ioi" / "report.html").is_file() and (tmp_path / "happy.gguf").is_file()
+    assert (tmp_path / "awq4.gguf").is_file() and (tmp_path / "la50-awq4.json").is_file()
     shutil.rmtree(tmp_path / "runs")
 
 
