@@ -28,6 +28,8 @@ WindowsOpt = Annotated[int, typer.Option(min=1, help="evaluation windows")]
 NprocOpt = Annotated[int, typer.Option("--nproc", min=1, help="data-parallel processes on this machine (launches "
                                                             "torchrun; each gets a share of the cores)")]
 CalibWindowsOpt = Annotated[int, typer.Option("--calib-windows", min=1, help="calibration windows")]
+HeldOutOpt = Annotated[int, typer.Option("--windows", min=0, help="held-out windows for the perplexity of the plain "
+                                                               "and the transformed model (0: none)")]
 TASKS = "wikitext2,lambada,arc_easy,arc_challenge,piqa,hellaswag"
 
 
@@ -396,8 +398,7 @@ def layers_cmd(
     seq_len: SeqLenOpt = 1024,
     calib_windows: CalibWindowsOpt = 4,
     eval_data: EvalDataOpt = None,
-    windows: Annotated[int, typer.Option(min=0, help="held-out windows for dense and removed perplexity "
-                                                     "(0: none)")] = 0,
+    windows: HeldOutOpt = 0,
     importance: Annotated[bool, typer.Option("--importance", help="rank every block and sublayer by each metric and "
                                              "by the measured loss of removing it (--save: a .csv)")] = False,
     list_methods: Annotated[bool, typer.Option("--list-methods", help="list the methods and exit")] = False,
@@ -500,8 +501,7 @@ def quant_cmd(
     seq_len: SeqLenOpt = 1024,
     calib_windows: CalibWindowsOpt = 4,
     eval_data: EvalDataOpt = None,
-    windows: Annotated[int, typer.Option(min=0, help="held-out windows for dense and quantized perplexity "
-                                                     "(0: none)")] = 0,
+    windows: HeldOutOpt = 0,
     list_methods: Annotated[bool, typer.Option("--list-methods", help="list the methods and exit")] = False,
     as_json: JsonOpt = False,
 ) -> None:

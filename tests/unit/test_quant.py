@@ -15,7 +15,7 @@ import actlab
 from actlab.calib import CalibrationSet
 from actlab.errors import ConfigError
 from actlab.export import export_hf
-from actlab.models.keys import projection_key
+from actlab.models.keys import projection_key, split_key
 from actlab.transforms import attach, compose, cost_of
 from actlab.transforms.quant import METHODS, Grid, QuantRecipe, get_method, quantize
 from actlab.transforms.quant.awq import search_scale
@@ -115,15 +115,19 @@ class _Bare:
         self.lm = lm
 
 
-def _inputs(lm, windows) -> dict[str, torch.Tensor]:
-    """Every projection's input on `windows`, read by hooks on the modules (independent of actlab's probes)."""
+def recorded(lm, windows, keys=None, side="input") -> dict[str, torch.Tensor]:
+    """Each projection's input (or output) on `windows`, read by hooks on the modules (independent of actlab's
+    probes)."""
     seen: dict[str, list[torch.Tensor]] = {}
     handles = []
     for layer in lm.adapter.layers:
         for role, view in layer.linears.items():
             key = projection_key(layer.index, role)
-            handles.append(view.module.register_forward_pre_hook(
-                lambda m, a, k=key: seen.setdefault(k, []).append(a[0].detach().reshape(-1, a[0].shape[-1]))))
+            if keys is not None and key not in keys:
+                continue
+            keep = (lambda k, t: seen.setdefault(k, []).append(t.detach().reshape(-1, t.shape[-1])))
+            handles.append(view.module.register_forward_pre_hook(lambda m, a, k=key: keep(k, a[0])) if side == "input"
+                           else view.module.register_forward_hook(lambda m, a, o, k=key: keep(k, o)))
     try:
         with torch.no_grad():
             lm.model(windows)
@@ -133,12 +137,17 @@ def _inputs(lm, windows) -> dict[str, torch.Tensor]:
     return {k: torch.cat(v).double() for k, v in seen.items()}
 
 
+def _view(lm, key):
+    layer, role = split_key(key)
+    return lm.adapter.layers[layer].linears[role]
+
+
 def test_gptq_reconstructs_every_projection_better_than_rtn(lm, calib):
     gptq = get_method("gptq", bits=3, group=32, sequential=False).calibrate(calib)
     rtn = get_method("rtn", bits=3, group=32).calibrate(calib)
-    xs = _inputs(lm, calib.windows)
+    xs = recorded(lm, calib.windows)
     for key, x in xs.items():
-        w = lm.adapter.layers[int(key[1])].linears[key.split(".")[1]].weight().double()
+        w = _view(lm, key).weight().double()
         err = {name: float(((x @ (w - effective_weight(r.weights[key]).double()).T) ** 2).sum())
                for name, r in (("gptq", gptq), ("rtn", rtn))}
         assert err["gptq"] < err["rtn"], key
@@ -181,22 +190,9 @@ def _group_error(lm, recipe: QuantRecipe, keys: list[str], windows) -> float:
     """Sum over `keys` of the squared change of the projection's output, measured through the model with only
     those projections quantized (the same inputs as the dense model)."""
     part = QuantRecipe(recipe.method, recipe.model, {k: recipe.weights[k] for k in keys})
-
-    def run():
-        got: dict[str, torch.Tensor] = {}
-        handles = [lm.adapter.layers[int(k[1])].linears[k.split(".")[1]].module.register_forward_hook(
-            lambda m, a, o, k=k: got.__setitem__(k, o.detach().double())) for k in keys]
-        try:
-            with torch.no_grad():
-                lm.model(windows)
-        finally:
-            for h in handles:
-                h.remove()
-        return got
-
-    dense = run()
+    dense = recorded(lm, windows, keys, side="output")
     with attach(lm, part):
-        moved = run()
+        moved = recorded(lm, windows, keys, side="output")
     return sum(float(((moved[k] - dense[k]) ** 2).sum()) for k in keys)
 
 
@@ -241,8 +237,7 @@ def test_recipe_attach_restores_the_model_bit_for_bit_and_round_trips_a_file(lm,
     with attach(lm, recipe):
         for key, e in recipe.weights.items():
             if key != HEAD:
-                view = lm.adapter.layers[int(key[1])].linears[key.split(".")[1]]
-                torch.testing.assert_close(view.weight(), effective_weight(e), rtol=0, atol=0)
+                torch.testing.assert_close(_view(lm, key).weight(), effective_weight(e), rtol=0, atol=0)
 
 
 def test_cost_counts_code_bits_and_scales(lm):
