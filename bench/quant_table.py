@@ -2,8 +2,8 @@
 HellaSwag} through `actlab eval`, every recipe made by `actlab quant`'s job, one evaluation per model (one
 plain column beside every quantized one, paired standard errors).
 
-    python bench/quant_table.py --model smollm2-135m --limit 200 --json bench/results/quant_smollm2.json
-    python bench/quant_table.py --model gemma3-270m --limit 200 --json bench/results/quant_gemma3.json
+    python bench/quant_table.py --model smollm2-135m --limit 100 --json bench/results/quant_smollm2.json
+    python bench/quant_table.py --model gemma3-270m --limit 100 --json bench/results/quant_gemma3.json
 
 Settings are `method-bits-g<group>[-option=value]` (`mixed-3.5-g128`: an average of 3.5 bits; `smoothquant-8`:
 W8A8; `gptq-3-gG-act_order=true`: a method option). Group
@@ -63,7 +63,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--settings", default=SETTINGS)
     ap.add_argument("--tasks", default=DEFAULT_TASKS)
-    ap.add_argument("--limit", type=int, default=200, help="items per task (wikitext2: windows)")
+    ap.add_argument("--limit", type=int, default=200, help="items per choice / LAMBADA task")
+    ap.add_argument("--ppl-windows", type=int, default=20, help="WikiText-2 windows of 1024 tokens")
     ap.add_argument("--calib-windows", type=int, default=4)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -85,13 +86,24 @@ def main() -> None:
             (work / f"{name}.made.json").write_text(json.dumps(out, default=str))
             print(f"{name}: {out['recipe']} ({out['seconds']:.0f} s) {out['cost_line']}", flush=True)
         made[name] = {**spec, **json.loads((work / f"{name}.made.json").read_text())}
-    evaluation = eval_job(args.model, [str(work / f"{n}.json") for n in made], tasks=args.tasks, limit=args.limit,
-                          out=str(work / "eval"), progress=False, log=quiet)
-    print(f"\n## {args.model}: quantization ({args.limit} items per task; group G = {big})\n\n{evaluation.table()}",
-          flush=True)
+    recipes = [str(work / f"{n}.json") for n in made]
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    evaluations = {}
+    if "wikitext2" in tasks:  # perplexity windows are 1024 tokens each: fewer of them than items of a choice task
+        evaluations["wikitext2"] = eval_job(args.model, recipes, tasks="wikitext2", limit=args.ppl_windows,
+                                            out=str(work / f"eval-wikitext2-{args.ppl_windows}"), progress=False,
+                                            log=quiet)
+    others = ",".join(t for t in tasks if t != "wikitext2")
+    if others:
+        evaluations["tasks"] = eval_job(args.model, recipes, tasks=others, limit=args.limit,
+                                        out=str(work / f"eval-tasks-{args.limit}"), progress=False, log=quiet)
+    for part, evaluation in evaluations.items():
+        what = f"{args.ppl_windows} windows" if part == "wikitext2" else f"{args.limit} items per task"
+        print(f"\n## {args.model}: quantization, {part} ({what}; group G = {big})\n\n{evaluation.table()}", flush=True)
     if args.json:
         atomic_write_json(Path(args.json), {"model": args.model, "group_G": big, "limit": args.limit,
-                                            "recipes": made, "eval": evaluation.to_dict()})
+                                            "ppl_windows": args.ppl_windows, "recipes": made,
+                                            "eval": {k: e.to_dict() for k, e in evaluations.items()}})
         print(f"wrote {args.json}")
 
 
