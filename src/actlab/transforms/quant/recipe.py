@@ -136,10 +136,12 @@ class QuantRecipe(Recipe):
         return schema.build(cls, d, "quant recipe")
 
     def describe(self) -> str:
-        grids = sorted({entry_grid(e).describe() for e in self.weights.values()})
-        act = " a8" if any("act_bits" in e for e in self.weights.values()) else ""
-        label = grids[0] if len(grids) == 1 else f"{self.average_bits():.2f} bits mixed"
-        return f"quant:{self.method}[{label}{act}]"
+        if "_label" not in self.__dict__:  # asked once per claim when a composition is validated: computed once
+            grids = sorted({entry_grid(e).describe() for e in self.weights.values()})
+            act = " a8" if any("act_bits" in e for e in self.weights.values()) else ""
+            label = grids[0] if len(grids) == 1 else f"{self.average_bits():.2f} bits mixed"
+            self.__dict__["_label"] = f"quant:{self.method}[{label}{act}]"
+        return self.__dict__["_label"]
 
     def average_bits(self) -> float:
         """Code bits per quantized weight, weighted by parameters."""
