@@ -123,14 +123,14 @@ def main() -> None:
     from actlab.jobs import setup
     from actlab.threads import busy_cores
     from actlab.transforms import compose
-    from actlab.transforms.quant import get_method
+    from actlab.transforms.quant import NoCalibration, get_method
     from actlab.transforms.sparsity import CalibrationData, calibrate
 
     quiet = lambda *_: None  # noqa: E731
     lm = setup.model(args.model, quiet)
     _, windows = setup.eval_windows(lm, "wikitext2:test", args.seq_len, args.windows)
     ids = prompt_ids(lm)
-    bare = type("Bare", (), {"lm": lm})()
+    bare = NoCalibration(lm)
     int8 = get_method("rtn", bits=8, group=32, symmetric=True).calibrate(bare)
     int4 = get_method("rtn", bits=4, group=32).calibrate(bare)
     data = CalibrationData.from_corpus(lm, None, seq_len=512, windows=8)

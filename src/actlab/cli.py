@@ -546,11 +546,10 @@ def _list_quant_methods(as_json: bool) -> None:
 
     from actlab.transforms.quant import METHODS, QuantMethod
 
-    common = {f.name for f in dataclasses.fields(QuantMethod)}
+    common = {f.name: f.default for f in dataclasses.fields(QuantMethod)}
     rows = [{"method": name, "calibration": cls.calibrated, "mixed": cls.mixed,
-             "parameters": {f.name: f.default for f in dataclasses.fields(cls)
-                            if f.name not in common or f.default != next(
-                                g.default for g in dataclasses.fields(QuantMethod) if g.name == f.name)},
+             "parameters": {f.name: f.default for f in dataclasses.fields(cls)  # its own, and the grid it changes
+                            if common.get(f.name, dataclasses.MISSING) != f.default},
              "paper": cls.paper} for name, cls in METHODS.items()]
     if as_json:
         print(json.dumps(rows, default=str))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from actlab.models.cache import downloads_dir
-from actlab.transforms.quant import get_method
+from actlab.transforms.quant import NoCalibration, get_method
 from actlab.transforms.quant.recipe import effective_weight
 
 pytestmark = pytest.mark.real
@@ -22,10 +22,10 @@ def test_rtn_on_the_source_grid_rebuilds_smollm2_exactly(smollm2):
         pytest.skip(f"the source GGUF {source} is not in the download cache")
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(source)).tensors}
     assert types["blk.0.attn_q.weight"] == "Q4_1" and types["blk.29.ffn_down.weight"] == "Q4_1"
-    recipe = get_method("rtn", bits=4, group=32).calibrate(type("Bare", (), {"lm": smollm2})())
+    recipe = get_method("rtn", bits=4, group=32).calibrate(NoCalibration(smollm2))
     for layer in smollm2.adapter.layers:
         for role, view in layer.linears.items():
             w = view.weight().detach().float()
             assert torch.equal(effective_weight(recipe.weights[f"L{layer.index}.{role}"]), w), (layer.index, role)
-    other = get_method("rtn", bits=4, group=64).calibrate(type("Bare", (), {"lm": smollm2})())
+    other = get_method("rtn", bits=4, group=64).calibrate(NoCalibration(smollm2))
     assert not torch.equal(effective_weight(other.weights["L0.q"]), smollm2.adapter.layers[0].linears["q"].weight())

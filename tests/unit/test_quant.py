@@ -17,7 +17,7 @@ from actlab.errors import ConfigError
 from actlab.export import export_hf
 from actlab.models.keys import projection_key, split_key
 from actlab.transforms import attach, compose, cost_of
-from actlab.transforms.quant import METHODS, Grid, QuantRecipe, get_method, quantize
+from actlab.transforms.quant import METHODS, Grid, NoCalibration, QuantRecipe, get_method, quantize
 from actlab.transforms.quant.awq import search_scale
 from actlab.transforms.quant.base import input_groups
 from actlab.transforms.quant.gptq import gptq_quantize, reconstruction_error
@@ -96,7 +96,7 @@ def test_bad_grids_are_one_line_errors(bad):
 def test_a_group_that_does_not_divide_the_channels_is_refused(lm):
     with pytest.raises(ConfigError, match="group 48 does not divide the 64 input channels of L0.q; groups that "
                                           "do: 16, 32, 64"):
-        get_method("rtn", group=48).calibrate(_Bare(lm))
+        get_method("rtn", group=48).calibrate(NoCalibration(lm))
 
 
 def test_a_mixed_budget_outside_the_precisions_on_offer_is_refused(lm, calib):
@@ -108,11 +108,6 @@ def test_a_mixed_budget_outside_the_precisions_on_offer_is_refused(lm, calib):
         get_method("layerwise", group=32).calibrate(calib, None)
     with pytest.raises(ConfigError, match="unknown quantization method"):
         get_method("nope")
-
-
-class _Bare:
-    def __init__(self, lm):
-        self.lm = lm
 
 
 def recorded(lm, windows, keys=None, side="input") -> dict[str, torch.Tensor]:
@@ -241,7 +236,7 @@ def test_recipe_attach_restores_the_model_bit_for_bit_and_round_trips_a_file(lm,
 
 
 def test_cost_counts_code_bits_and_scales(lm):
-    recipe = get_method("rtn", bits=4, group=32).calibrate(_Bare(lm))
+    recipe = get_method("rtn", bits=4, group=32).calibrate(NoCalibration(lm))
     dense = cost_of(lm, None)
     cost = cost_of(lm, recipe)
     proj = sum(v.num_params for layer in lm.adapter.layers for v in layer.linears.values())
@@ -367,7 +362,7 @@ def test_gguf_export_writes_the_grids_block_type_and_reads_back(grid, block, tmp
 
     lm = actlab.load_model("tiny-qwen2")
     bits, group, symmetric = grid
-    full = get_method("rtn", bits=bits, group=group, symmetric=symmetric).calibrate(_Bare(lm))
+    full = get_method("rtn", bits=bits, group=group, symmetric=symmetric).calibrate(NoCalibration(lm))
     recipe = QuantRecipe("rtn", full.model, {k: e for k, e in full.weights.items() if not k.startswith("L1.")})
     both = compose(LayerRecipe("manual", lm.identity.to_dict(), ["L1"]), recipe)  # the kept layers renumbered
     report = export_gguf(lm, both, tmp_path / "q.gguf")

@@ -17,7 +17,7 @@ def quant_job(model: str, *, save: str, method: str = "rtn", bits: int | None = 
               params: dict[str, Any] | None = None, calib: str | None = None, seq_len: int = 1024,
               calib_windows: int = 4, eval_data: str | None = None, windows: int = 0,
               log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
-    from actlab.transforms.quant import get_method
+    from actlab.transforms.quant import NoCalibration, get_method
 
     grid = {k: v for k, v in (("bits", bits), ("group", group), ("symmetric", symmetric)) if v is not None}
     chosen = get_method(method, head=head, **grid, **(params or {}))  # None: the method's default
@@ -28,7 +28,7 @@ def quant_job(model: str, *, save: str, method: str = "rtn", bits: int | None = 
     chosen.progress = progress
     lm = setup.model(model, log)
     chosen.check_grid(lm)  # a group that does not divide a projection fails before calibration
-    data = setup.calibration(lm, calib, seq_len, calib_windows) if chosen.calibrated else _NoCalibration(lm)
+    data = setup.calibration(lm, calib, seq_len, calib_windows) if chosen.calibrated else NoCalibration(lm)
     recipe = chosen.calibrate(data, avg_bits)
     validate(recipe, lm)
     recipe.save(save)
@@ -42,12 +42,3 @@ def quant_job(model: str, *, save: str, method: str = "rtn", bits: int | None = 
         out.update(setup.perplexity_with_and_without(lm, recipe, eval_data, seq_len, windows, progress))
     return out
 
-
-class _NoCalibration:
-    """What a calibration-free method (RTN) is given: the model, and nothing measured."""
-
-    def __init__(self, lm: Any):
-        self.lm = lm
-
-    def describe(self) -> dict[str, Any]:
-        return {"data": None}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from actlab.transforms.base import make_method
 from actlab.transforms.quant.awq import AWQ
-from actlab.transforms.quant.base import QuantMethod
+from actlab.transforms.quant.base import NoCalibration, QuantMethod
 from actlab.transforms.quant.gptq import GPTQ
 from actlab.transforms.quant.grid import Grid, Quantized, fake_quantize, quantize
 from actlab.transforms.quant.layerwise import LayerWise
@@ -22,4 +22,5 @@ def get_method(name: str, **params) -> QuantMethod:
     return make_method(METHODS, "quantization", name, **params)  # type: ignore[return-value]
 
 
-__all__ = ["METHODS", "Grid", "QuantMethod", "QuantRecipe", "Quantized", "fake_quantize", "get_method", "quantize"]
+__all__ = ["METHODS", "Grid", "NoCalibration", "QuantMethod", "QuantRecipe", "Quantized", "fake_quantize", "get_method",
+           "quantize"]

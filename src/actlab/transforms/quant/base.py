@@ -2,8 +2,8 @@
 
 A method quantizes every projection of every decoder layer (and the LM head when `head` is set) onto a grid
 (`grid.py`: bits, group size, symmetric or not) and returns a `QuantRecipe` with the codes. Calibration-free
-methods (RTN) accept `calib=None`. `target` is the average code bits asked for: uniform methods take it from
-their grid, mixed-precision methods allocate it.
+methods (RTN) are given `NoCalibration(lm)` instead of a calibration set. `target` is the average code bits asked
+for: uniform methods take it from their grid, mixed-precision methods allocate it.
 """
 
 from __future__ import annotations
@@ -26,6 +26,16 @@ def input_groups(layer: Any) -> list[list[str]]:
     """The roles of `layer` (a LayerView) grouped by the input they read, in computation order."""
     return [[r for r in group if r in layer.linears] for group in INPUT_GROUPS if any(r in layer.linears
                                                                                       for r in group)]
+
+
+class NoCalibration:
+    """What a calibration-free method (RTN) is given in place of a calibration set: the model, nothing measured."""
+
+    def __init__(self, lm: Any):
+        self.lm = lm
+
+    def describe(self) -> dict[str, Any]:
+        return {"data": None}
 
 
 @dataclass
@@ -65,13 +75,12 @@ class QuantMethod(Method):
 
     @abstractmethod
     def calibrate(self, calib: Any, target: float | None = None) -> QuantRecipe:
-        """Quantize `calib.lm` (calib: a CalibrationSet; an object with `.lm` for calibration-free methods)."""
+        """Quantize `calib.lm` (calib: a CalibrationSet, or NoCalibration for calibration-free methods)."""
 
     def recipe(self, calib: Any, weights: dict[str, dict[str, Any]], measured: dict[str, Any] | None = None,
                target: float | None = None) -> QuantRecipe:
         lm = calib.lm
-        described = calib.describe() if hasattr(calib, "describe") else {}
         recipe = QuantRecipe(self.name, lm.identity.to_dict(), weights, params=self.params(),
-                             calibration={**described, **(measured or {})})
+                             calibration={**calib.describe(), **(measured or {})})
         recipe.target = float(target if target is not None else recipe.average_bits())
         return recipe
