@@ -161,7 +161,8 @@ def ppl_cmd(
     result = perplexity(lm, ids, batch_size=batch_size)
     out = {**result.to_dict(), "stderr": result.stderr(), "data": corpus.name, "protocol": spec.describe(),
            **({"warnings": lm.provenance["warnings"]} if lm.provenance.get("warnings") else {})}
-    _emit(out, as_json, f"{lm.name} on {corpus.name}: ppl {result.ppl:.4f} ± {result.stderr():.4f} over "
+    spread = f" ± {result.stderr():.4f}" if result.windows > 1 else " (one window: no standard error)"
+    _emit(out, as_json, f"{lm.name} on {corpus.name}: ppl {result.ppl:.4f}{spread} over "
                         f"{result.tokens} predicted tokens ({result.windows} windows x {result.seq_len}) in "
                         f"{result.seconds:.1f}s")
 

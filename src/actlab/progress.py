@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from rich.console import Console
@@ -25,7 +26,7 @@ def track(items: Iterable[T], total: int | None = None, description: str = "", e
     if not enabled:
         yield from items
         return
-    if not (sys.stderr.isatty() or _console.is_jupyter):
+    if not live_display():
         yield from plain_lines(items, total, description)
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -68,6 +69,29 @@ def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def live_display() -> bool:
+    """Whether stderr shows live bars (a terminal or a notebook) rather than lines kept in a log."""
+    return sys.stderr.isatty() or _console.is_jupyter
+
+
+@contextmanager
+def foreign_bars_off() -> Iterator[None]:
+    """transformers' own tqdm bars ("Loading weights", GGUF de-quantization) switched off where they would
+    only fill a log with carriage returns; restored afterwards."""
+    if live_display():
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def status(message: str) -> None:

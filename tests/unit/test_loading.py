@@ -222,3 +222,18 @@ def test_a_killed_conversion_leaves_nothing_for_long(tmp_cache):
     with cache.new_entry("fresh", {"source": "test"}) as tmp:
         (tmp / "f").write_text("y")
     assert not orphan.exists() and mine.exists() and cache.valid_entry("fresh")
+
+
+def test_transformers_bars_stay_out_of_logs(tmp_path, tiny_llama, capfd):
+    """Without a terminal, transformers' "Loading weights" tqdm bar would write carriage-return frames into
+    the log; loading a directory leaves stderr free of it, and the bars are switched back on afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    tiny_llama.model.save_pretrained(tmp_path)
+    tiny_llama.tokenizer.save_pretrained(tmp_path)
+    capfd.readouterr()
+    assert hf_logging.is_progress_bar_enabled()
+    actlab.load_model(str(tmp_path), log_fn=lambda *_: None)
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "\r" not in err
+    assert hf_logging.is_progress_bar_enabled()

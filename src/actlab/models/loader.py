@@ -25,6 +25,7 @@ from actlab.models.identity import ModelIdentity, identify
 from actlab.models.placement import Placement, execution_device
 from actlab.models.registry import BUILTINS, BuiltinModel
 from actlab.models.tiny import build_tiny
+from actlab.progress import foreign_bars_off
 
 log = logging.getLogger("actlab")
 
@@ -97,7 +98,12 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | t
     model's lifetime (`attach_recipe=False`: the bare weights; `lm.detach()` removes it later). `placement`
     (default: the command line's --device-map / --max-memory) spreads the weights with accelerate instead of
     putting them all on `device`."""
-    spec = str(spec)
+    with foreign_bars_off():
+        return _load_model(str(spec), dtype, device, log_fn, attach_recipe, placement)
+
+
+def _load_model(spec: str, dtype: torch.dtype, device: str | torch.device, log_fn, attach_recipe: bool,
+                placement: Placement | None) -> LoadedModel:
     placement = placement if placement is not None else Placement.from_environment()
     warnings: list[str] = []
     if spec in BUILTINS:
