@@ -22,6 +22,7 @@ def sparsify(lm: Any, method: str, sparsity: float, calib: Any = None, seq_len: 
     from actlab.transforms.sparsity import calibrate
 
     lm = load_model(lm) if isinstance(lm, str) else lm
+    lm.adapter.refuse_moe("activation sparsity")
     if not isinstance(calib, CalibrationSet):
         calib = CalibrationSet.from_corpus(lm, calib, seq_len=min(seq_len, lm.max_context or seq_len), windows=windows)
     return calibrate(method, calib, sparsity, **params)

@@ -43,6 +43,11 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a.reshape(b.shape), b, rtol=1e-5, atol=1e-5)
 
 
+def _mlp_output_module(layer):
+    """The module whose output is the MLP branch: the down projection, or the whole mixture of experts."""
+    return layer.mlp if layer.moe is not None else layer.linears["down"].module
+
+
 def test_shapes_match_config(tiny: actlab.LoadedModel):
     ad = tiny.adapter
     cfg = tiny.model.config
@@ -52,24 +57,34 @@ def test_shapes_match_config(tiny: actlab.LoadedModel):
         assert q.out_features == ad.num_heads * ad.head_dim
         assert k.out_features == v.out_features == ad.num_kv_heads * ad.head_dim
         assert layer.linears["o"].in_features == ad.num_heads * ad.head_dim
-        assert layer.linears["down"].in_features == ad.intermediate_size
+        if layer.moe is not None:  # experts: [E, 2I, H] and [E, H, I]; the router [E, H]
+            moe = layer.moe
+            assert moe.num_experts == getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+            assert moe.top_k == cfg.num_experts_per_tok
+            for e in range(moe.num_experts):
+                assert moe.weight(e, "gate").shape == moe.weight(e, "up").shape == (layer.ffn_width, ad.hidden_size)
+                assert moe.weight(e, "down").shape == (ad.hidden_size, layer.ffn_width)
+            continue
+        assert layer.linears["down"].in_features == layer.ffn_width
         assert layer.linears["gate"].in_features == ad.hidden_size
-    assert ad.linear_params() == sum(lin.num_params for lin in ad.iter_linears())
-    # every projection module is counted once
+    # every projection module is counted once, and every expert's weights and the routers
     assert ad.linear_params() == sum(
         m.weight.numel() for lyr in ad.layers for m in {id(x.module): x.module for x in lyr.linears.values()}.values()
-    )
+    ) + sum(p.numel() for lyr in ad.layers if lyr.moe for p in lyr.mlp.parameters())
 
 
 def test_mlp_recomputed_from_adapter(tiny: actlab.LoadedModel):
     rec = Recorder()
     for layer in tiny.adapter.layers:
         rec.watch(f"{layer.index}.mlp_norm", layer.mlp_norm if layer.mlp_norm is not None else layer.mlp)
-        rec.watch(f"{layer.index}.down", layer.linears["down"].module)
+        rec.watch(f"{layer.index}.down", _mlp_output_module(layer))
     _run(tiny, rec)
     for layer in tiny.adapter.layers:
         x = rec.outputs[f"{layer.index}.mlp_norm"] if layer.mlp_norm is not None else \
             rec.inputs[f"{layer.index}.mlp_norm"]
+        if layer.moe is not None:  # every expert recomputed densely, weighted by the recomputed routing
+            _close(layer.moe.apply(x), rec.outputs[f"{layer.index}.down"])
+            continue
         h = layer.act_fn(layer.linears["gate"].apply(x))
         if layer.gated_mlp:
             h = h * layer.linears["up"].apply(x)
@@ -85,7 +100,7 @@ def test_attention_projections_and_residual_stream(tiny: actlab.LoadedModel):
         rec.watch(f"{i}.attn_norm", layer.attn_norm if layer.attn_norm is not None else torch.nn.Identity())
         rec.watch(f"{i}.mlp_in", layer.mlp_norm if layer.mlp_norm is not None else layer.mlp)
         rec.watch(f"{i}.o", layer.linears["o"].module)
-        rec.watch(f"{i}.down", layer.linears["down"].module)
+        rec.watch(f"{i}.down", _mlp_output_module(layer))
         for role, view in layer.linears.items():
             if role in ("q", "k", "v", "qkv"):
                 rec.watch(f"{i}.{role}", view.module)

@@ -115,3 +115,22 @@ def test_bad_quantization_arguments_are_one_line_errors(args, message, tmp_path)
     line = _one_line(_run(["quant", "--model", "tiny-llama", "--save", "q.json", *args], cwd=tmp_path))
     assert message in line
     assert not (tmp_path / "q.json").exists()
+
+
+M = ["--model", "tiny-mixtral"]
+
+
+@pytest.mark.parametrize("args,what", [
+    (["sparsify", *M, "--method", "teal", "--sparsity", "0.5", "--save", "s.json"], "activation sparsity"),
+    (["sparsity-at-ppl", *M], "the CETT sparsity search"),
+    (["quant", *M, "--method", "rtn", "--bits", "4", "--save", "q.json"], "weight quantization"),
+    (["bench", "decode", *M, "--tokens", "8"], "the decode engine"),
+    (["export", *M, "--format", "gguf", "--out", "m.gguf"], "GGUF export of mixtral is not supported"),
+])
+def test_transforms_that_do_not_reach_experts_refuse_moe_models(args, what, tmp_path):
+    """A mixture-of-experts model is profiled, evaluated and pruned by layers; what cannot reach into its experts
+    says so in one line before any calibration, and writes nothing."""
+    out = _run(args, cwd=tmp_path)
+    line = _one_line(out)
+    assert what in line and "calibrat" not in out.stderr.replace(line, "")
+    assert list(tmp_path.iterdir()) == []

@@ -12,7 +12,7 @@ from actlab.engine.decode import DecodeEngine
 from actlab.engine.kernels import TorchKernels, load_kernels
 from actlab.engine.lm_head import ExactArgmaxHead
 from actlab.engine.reference import greedy_reference, hf_generate, prompt_ids
-from actlab.errors import ConfigError
+from actlab.errors import ConfigError, UnsupportedArchitectureError
 from actlab.transforms.sparsity import CalibrationData, attach, calibrate
 
 NATIVE = load_kernels()
@@ -227,3 +227,11 @@ def test_nucleus_and_top_k_filtering_by_brute_force():
     for _ in range(500):
         counts[sample(logits, 1.0, top_k=2, generator=g)] += 1
     assert (counts[2:] == 0).all() and (counts[:2] > 0).all()
+
+
+def test_the_engine_refuses_a_mixture_of_experts_in_one_line():
+    lm = actlab.load_model("tiny-qwen3-moe")  # experts in layers 0 and 2, a dense MLP in layer 1
+    with pytest.raises(UnsupportedArchitectureError, match=r"the decode engine is not supported on mixture-of-"
+                                                           r"experts models \(qwen3_moe: 2 layers route each token "
+                                                           r"to 2 of 6 experts"):
+        DecodeEngine(lm)

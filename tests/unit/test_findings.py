@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from actlab.analyze.findings import BI_DROP, layer_findings
+from actlab.analyze.findings import BI_DROP, findings, layer_findings
 from actlab.report.html import show_token
 
 
@@ -62,11 +62,14 @@ def test_layer_summary_and_grouped_massive_events():
     assert pd.isna(summary.loc[7, "sink_heads"])
     assert summary.loc[3, "down_in_near_zero"] == pytest.approx(0.43)
     assert summary.loc[2, "resid_max_over_median"] == 500.0
-    top = pd.DataFrame({"site": [f"L{i}.resid_out" for i in (3, 4, 5, 9)], "layer": [3, 4, 5, 9],
-                        "value": [900.0, 1200.0, 1000.0, 50.0], "channel": [7, 7, 7, 2], "window": 0,
-                        "position": [0, 0, 0, 4], "token": ["<bos>", "<bos>", "<bos>", "x"]})
+    # channel 7 at <bos> in windows 0 and 1 (layers 3-5) is one event; so is channel 2 at "x" in two positions
+    top = pd.DataFrame({"site": [f"L{i}.resid_out" for i in (3, 4, 5, 4, 9, 9)], "layer": [3, 4, 5, 4, 9, 9],
+                        "value": [900.0, 1200.0, 1000.0, 1100.0, 50.0, 40.0], "channel": [7, 7, 7, 7, 2, 2],
+                        "window": [0, 0, 0, 1, 0, 0], "position": [0, 0, 0, 0, 4, 9],
+                        "token": ["<bos>", "<bos>", "<bos>", "<bos>", "x", "x"]})
     events = massive_events(top)
-    assert [(e["first"], e["last"], e["value"]) for e in events] == [(3, 5, 1200.0), (9, 9, 50.0)]
+    assert [(e["first"], e["last"], e["value"], e["places"], e["positions"]) for e in events] == [
+        (3, 5, 1200.0, 2, "0"), (9, 9, 50.0, 2, "4, 9")]
 
 
 def test_sparsity_at_a_relative_threshold_matches_the_samples():
@@ -87,3 +90,15 @@ def test_sparsity_at_a_relative_threshold_matches_the_samples():
     got = fraction_below_relative(pd.DataFrame(rows), pd.DataFrame(sites)).set_index("site")["fraction_below"]
     for s in sites:
         assert got[s["site"]] == pytest.approx(s["exact"], abs=0.02)
+
+
+def test_expert_findings_name_the_busiest_and_the_idle_experts():
+    # two layers of 4 experts, 2 per token: balanced share 50%; layer 1's expert 3 takes 95%, its expert 0 2%
+    share = [0.5, 0.5, 0.5, 0.5, 0.02, 0.53, 0.5, 0.95]
+    experts = pd.DataFrame({"layer": [0] * 4 + [1] * 4, "expert": list(range(4)) * 2, "share": share,
+                            "load": [s / 0.5 for s in share]})
+    found = [f.text for f in findings({"experts": experts}) if f.topic == "experts"]
+    assert found[0].startswith("the busiest expert, 3 of layer 1, takes 95% of the tokens (1.9x a balanced share)")
+    assert "median over 2 layers" in found[0]
+    assert found[1] == "1 expert gets at most 10% of a balanced share: L1.E0"
+    assert not [f for f in findings({}) if f.topic == "experts"]  # dense models: no experts table, no finding

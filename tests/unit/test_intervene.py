@@ -136,7 +136,7 @@ def test_every_operation_restores_the_model_bit_identically(tiny):
     d = ad.hidden_size
     v = torch.randn(d, generator=torch.Generator().manual_seed(1))
     ops = {"L0.resid_out": [add(v, 3.0, positions=[-1]), scale(0.5)], f"L{ad.num_layers - 1}.mlp_in": replace(v),
-           "L0.o_in.head0": zero(), "L0.down_in[1,2]": mean(torch.ones(2)),
+           "L0.o_in.head0": zero(), ("L0.moe_out[1,2]" if ad.layers[0].moe else "L0.down_in[1,2]"): mean(torch.ones(2)),
            "L0.resid_in": patch(record(tiny, CORRUPT, ["L0.resid_in"])["L0.resid_in"])}
     with intervene(tiny, ops):
         changed = _logits(tiny)

@@ -37,6 +37,8 @@ def built_without(lm, removed: int):
     cfg.num_hidden_layers = n - 1
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = [t for i, t in enumerate(cfg.layer_types) if i != removed]
+    if getattr(cfg, "mlp_only_layers", None) is not None:  # Qwen-MoE's dense layers, renumbered
+        cfg.mlp_only_layers = [i - (i > removed) for i in cfg.mlp_only_layers if i != removed]
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     prefix = lm.adapter.spec.layers + "."
     state = {}
@@ -70,11 +72,15 @@ def test_removed_block_equals_a_model_built_without_it(name, tmp_path):
 def test_removed_sublayer_equals_a_zeroed_output_projection(name, part, tmp_path):
     lm = actlab.load_model(name)
     manual = copy.deepcopy(lm.model)
-    lin = actlab.models.adapter_for(manual).layers[0].linears["o" if part == "attn" else "down"].module
+    layer = actlab.models.adapter_for(manual).layers[0]
     with torch.no_grad():
-        lin.weight.zero_()
-        if getattr(lin, "bias", None) is not None:
-            lin.bias.zero_()
+        if part == "mlp" and layer.moe is not None:  # every expert's down projection
+            layer.mlp.experts.down_proj.zero_()
+        else:
+            lin = layer.linears["o" if part == "attn" else "down"].module
+            lin.weight.zero_()
+            if getattr(lin, "bias", None) is not None:
+                lin.bias.zero_()
     recipe = drop(lm, f"L0.{part}")
     with attach(lm, recipe):
         hooked = _logits(lm.model)

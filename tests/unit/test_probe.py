@@ -19,10 +19,11 @@ def _hooks_left(model: torch.nn.Module) -> int:
 
 def test_site_names_are_uniform(tiny):
     names = {s.name for s in all_sites(tiny.adapter)}
-    for kind in ("resid_in", "attn_in", "v", "attn_probs", "o_in", "resid_mid", "mlp_in", "gate", "act", "down_in",
-                 "resid_out"):
-        assert f"L0.{kind}" in names
-    assert ("L0.up" in names) == tiny.adapter.layers[0].gated_mlp
+    for layer in tiny.adapter.layers:
+        mlp = ("router", "routing", "moe_out") if layer.moe else ("gate", "act", "down_in")
+        for kind in ("resid_in", "attn_in", "v", "attn_probs", "o_in", "resid_mid", "mlp_in", *mlp, "resid_out"):
+            assert f"L{layer.index}.{kind}" in names
+        assert (f"L{layer.index}.up" in names) == (layer.gated_mlp and not layer.moe)
     assert {"final_norm", "logits"} <= names
 
 
@@ -97,6 +98,11 @@ def test_down_in_is_act_times_up(tiny):
         with torch.no_grad():
             tiny.model(IDS)
     for layer in tiny.adapter.layers:
+        if layer.moe:  # no single intermediate: the routing and the MLP output instead
+            x = got[f"L{layer.index}.mlp_in"]
+            torch.testing.assert_close(got[f"L{layer.index}.routing"], layer.moe.routing(x.reshape(-1, x.shape[-1])))
+            torch.testing.assert_close(got[f"L{layer.index}.moe_out"], layer.moe.apply(x))
+            continue
         expect = got[f"L{layer.index}.act"]
         if layer.gated_mlp:
             expect = expect * got[f"L{layer.index}.up"]

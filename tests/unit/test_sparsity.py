@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import actlab
-from actlab.errors import ConfigError
+from actlab.errors import ConfigError, UnsupportedArchitectureError
 from actlab.models.compat import output_cache, with_cache
 from actlab.models.keys import split_key
 from actlab.transforms.sparsity import METHODS, CalibrationData, SparsityRecipe, attach, calibrate
@@ -547,3 +547,8 @@ def test_a_saved_recipe_reproduces_its_positions(setup, tmp_path):
     assert (kept["positions"], kept["positions_from"]) == ("last-half", "recipe")
     assert (forced["positions"], forced["positions_from"]) == ("all", "option")
     assert kept["sparse_ppl"] != forced["sparse_ppl"]
+
+
+def test_sparsify_refuses_a_mixture_of_experts_before_calibrating():
+    with pytest.raises(UnsupportedArchitectureError, match="activation sparsity is not supported on mixture-of-"):
+        actlab.sparsify(actlab.load_model("tiny-mixtral"), "teal", 0.5, calib=object())  # calib is never read

@@ -161,7 +161,9 @@ def test_attention_heads(run):
     for layer in range(ad.num_layers):
         probs = acts[f"L{layer}.attn_probs"][:, :, rows]  # recorded with every query; take the sampled ones
         probs = probs[:, :, rows > 0]
-        first = probs[..., 0].mean(dim=(0, 2))
+        window = ad.sliding_window(ad.layers[layer])  # a query at q >= window cannot see position 0
+        sees_first = torch.as_tensor(rows[rows > 0]) < (window or SEQ)
+        first = probs[:, :, sees_first, 0].mean(dim=(0, 2))
         ent = -(probs * probs.clamp_min(1e-300).log()).sum(-1).mean(dim=(0, 2))
         got = heads[heads["layer"] == layer].sort_values("head")
         np.testing.assert_allclose(got["first_token_mass"], first.numpy(), rtol=1e-5)
@@ -266,3 +268,30 @@ def test_distribution_state_roundtrip(merge_setup):
     _state_close(p.state(), one_pass)
     assert math.isfinite(p.tables()["layers"]["block_influence"].iloc[0])
     assert isinstance(p.statistic("distribution"), ActivationDistribution)
+
+
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen3-moe"])
+def test_expert_routing_against_the_router_recomputed(name):
+    """The experts table against routing recomputed from each MoE layer's recorded input and the router's
+    weight (softmax, top k, renormalised where the family does): share, first choice, mean weight."""
+    lm = actlab.load_model(name)
+    windows = make_windows(lm.tokenizer, load_corpus(None), WindowSpec(seq_len=SEQ, num_windows=WINDOWS))
+    inputs: dict[int, list[torch.Tensor]] = {}
+    with Probe(lm, "L*.mlp_in", lambda site, x: inputs.setdefault(site.layer, []).append(x.reshape(-1, x.shape[-1]))):
+        with torch.no_grad():
+            lm.model(windows)
+    prof = Profiler(lm)
+    prof.observe(windows, batch_size=2, progress=False)
+    table = prof.tables()["experts"]
+    assert sorted(table["layer"].unique()) == lm.adapter.moe_layers  # Qwen3-MoE's dense layer 1 has none
+    for layer in lm.adapter.moe_layers:
+        moe = lm.adapter.layers[layer].moe
+        w = moe.routing(torch.cat(inputs[layer])).double()
+        got = table[table["layer"] == layer].sort_values("expert")
+        chosen = (w > 0).double()
+        np.testing.assert_allclose(got["share"], chosen.mean(0).numpy(), rtol=1e-12)
+        np.testing.assert_allclose(got["share"].sum(), moe.top_k, rtol=1e-12)
+        first = torch.bincount(w.argmax(1), minlength=moe.num_experts).double() / len(w)
+        np.testing.assert_allclose(got["first_choice"], first.numpy(), rtol=1e-12)
+        np.testing.assert_allclose(got["mean_weight"], (w.sum(0) / chosen.sum(0)).numpy(), rtol=1e-5)
+        np.testing.assert_allclose(got["load"], chosen.mean(0).numpy() * moe.num_experts / moe.top_k, rtol=1e-12)

@@ -12,6 +12,7 @@ ATTN_REDUNDANT_COS = 0.99  # cos(x, x + attn) above which the attention sublayer
 MASSIVE_FACTOR = 100.0  # max |x| over median |x| of the residual stream that counts as massive
 SINK_MASS = 0.5  # first-token attention mass that makes a head a sink head
 SPARSITY_EPS = 0.01
+IDLE_EXPERT_LOAD = 0.1  # an expert routed a tenth of its balanced share of tokens or less is all but unused
 
 
 @dataclass
@@ -88,10 +89,12 @@ def massive_findings(layers: pd.DataFrame, top: pd.DataFrame) -> list[Finding]:
     channels = big["channel"].value_counts().head(3).index.tolist()
     tokens = big["token"].value_counts().head(3).index.tolist()
     positions = big["position"].value_counts().head(3).index.tolist()
+    largest = massive.loc[massive["resid_max_abs"].idxmax()]
     return [Finding("massive activations",
                     f"massive activations in {_layers(massive['layer'].astype(int).tolist())}: up to "
-                    f"{peak['resid_max_abs']:.0f} ({peak['resid_max_over_median']:.0f}x the median |x|) at layer "
-                    f"{int(peak['layer'])}; channels {channels}, tokens {tokens}, positions {positions}")]
+                    f"{largest['resid_max_abs']:.0f} at layer {int(largest['layer'])}, "
+                    f"{peak['resid_max_over_median']:.0f}x the median |x| at layer {int(peak['layer'])}; "
+                    f"channels {channels}, tokens {tokens}, positions {positions}")]
 
 
 def attention_findings(heads: pd.DataFrame, sink_tokens: pd.DataFrame) -> list[Finding]:
@@ -139,11 +142,32 @@ def sparsity_findings(sparsity: pd.DataFrame) -> list[Finding]:
     return out
 
 
+def expert_findings(experts: pd.DataFrame) -> list[Finding]:
+    """Routing balance of mixture-of-experts layers: the busiest expert and the all-but-unused ones."""
+    if experts is None or not len(experts):
+        return []
+    busiest = experts.loc[experts["load"].idxmax()]
+    idle = experts[experts["load"] <= IDLE_EXPERT_LOAD]
+    per_layer = experts.groupby("layer")["load"].max()
+    out = [Finding("experts", f"the busiest expert, {int(busiest['expert'])} of layer {int(busiest['layer'])}, takes "
+                              f"{busiest['share']:.0%} of the tokens ({busiest['load']:.1f}x a balanced share); "
+                              f"the busiest expert per layer is {per_layer.median():.1f}x balanced (median over "
+                              f"{len(per_layer)} layers)")]
+    if len(idle):
+        names = ", ".join(f"L{int(r.layer)}.E{int(r.expert)}" for r in idle.head(8).itertuples())
+        many = len(idle) > 1
+        out.append(Finding("experts", f"{len(idle)} expert{'s' if many else ''} get{'' if many else 's'} at most "
+                                      f"{IDLE_EXPERT_LOAD:.0%} of a balanced share: "
+                                      f"{names}{' ...' if len(idle) > 8 else ''}"))
+    return out
+
+
 def findings(tables: dict[str, pd.DataFrame]) -> list[Finding]:
     layers = tables.get("layers", pd.DataFrame())
     return (layer_findings(layers) + massive_findings(layers, tables.get("top_activations"))
             + attention_findings(tables.get("heads"), tables.get("sink_tokens"))
-            + neuron_findings(tables.get("neurons")) + sparsity_findings(tables.get("sparsity")))
+            + neuron_findings(tables.get("neurons")) + sparsity_findings(tables.get("sparsity"))
+            + expert_findings(tables.get("experts")))
 
 
 # -- what to do next ---------------------------------------------------------------------------------------
@@ -219,4 +243,8 @@ def layer_summary(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     if heads is not None and len(heads):
         sinks = (heads["first_token_mass"] > SINK_MASS).groupby(heads["layer"]).sum().rename("sink_heads")
         out = out.merge(sinks.reset_index(), on="layer", how="left")
+    experts = tables.get("experts")
+    if experts is not None and len(experts):
+        out = out.merge(experts.groupby("layer")["load"].max().rename("busiest_expert_load").reset_index(),
+                        on="layer", how="left")
     return out

@@ -159,6 +159,7 @@ class DecodeEngine:
     def __init__(self, lm: LoadedModel, recipe=None, max_len: int = 2048, native: bool = True):
         if lm.device.type != "cpu":
             raise ConfigError("the decode engine's kernels are CPU kernels; load the model on the CPU")
+        lm.adapter.refuse_moe("the decode engine")
         self.plan = EnginePlan.lower(lm, recipe)
         self.lm, self.recipe = lm, recipe
         ad = lm.adapter

@@ -35,6 +35,7 @@ def bench_decode(model: str, method: str | None = None, sparsity: float = 0.5, r
                               f"engine methods: {', '.join(m for m in METHODS if m not in HOOKS_ONLY)}")
     recipe = load_recipe(recipe_path) if recipe_path is not None else None
     lm = load_model(model, log_fn=log)
+    lm.adapter.refuse_moe("the decode engine")  # before any calibration
     ids = prompt_ids(lm)
     if lm.max_context and len(ids) + tokens + 1 > lm.max_context:
         raise ConfigError(f"--tokens {tokens}: the {len(ids)}-token prompt and {tokens} new tokens exceed the model's "

@@ -27,6 +27,7 @@ def quant_job(model: str, *, save: str, method: str = "rtn", bits: int | None = 
         raise ConfigError(f"--avg-bits is for the mixed-precision methods (mixed, layerwise); {method} uses --bits")
     chosen.progress = progress
     lm = setup.model(model, log)
+    lm.adapter.refuse_moe("weight quantization")
     chosen.check_grid(lm)  # a group that does not divide a projection fails before calibration
     data = setup.calibration(lm, calib, seq_len, calib_windows) if chosen.calibrated else NoCalibration(lm)
     recipe = chosen.calibrate(data, avg_bits)

@@ -29,6 +29,7 @@ def sparsify(model: str, *, method: str | None, sparsity: float | None, calib: s
             raise ConfigError(f"{method} chooses its neurons at a prompt, and under --positions all every evaluation "
                               "window is all prompt (dense): use --positions last-half")
     lm = setup.model(model, log)
+    lm.adapter.refuse_moe("activation sparsity")
     corpus, eval_windows = setup.eval_windows(lm, eval_data, seq_len, windows)
     if recipe is None:
         recipe = calibrate(sparsifier, setup.calibration(lm, calib, seq_len, calib_windows), sparsity)
@@ -61,6 +62,7 @@ def sparsity_at_ppl_job(model: str, *, p: float = 1.0, calib: str | None, eval_d
     if not p > 0:
         raise ConfigError("--p must be a positive percentage")
     lm = setup.model(model, log)
+    lm.adapter.refuse_moe("the CETT sparsity search")
     corpus, eval_windows = setup.eval_windows(lm, eval_data, seq_len, windows)
     data = setup.calibration(lm, calib, seq_len, calib_windows)
     out = sparsity_at_ppl(data, eval_windows, p=p, steps=steps, progress=progress)

@@ -14,6 +14,7 @@ from torch import nn
 
 from actlab.errors import UnsupportedArchitectureError
 from actlab.models.architectures import ArchSpec, spec_for_model_type, supported_model_types
+from actlab.models.keys import projection_key, projection_site, site_key
 from actlab.models.placement import materialized
 
 ATTN_ROLES = ("q", "k", "v", "qkv", "o")
@@ -85,6 +86,69 @@ class LinearView:
         return nn.functional.linear(x, self.weight(), self.bias())
 
 
+@dataclass(frozen=True, eq=False)
+class ExpertsView:
+    """A mixture-of-experts MLP: a router that sends each token to `top_k` of `num_experts` gated MLPs and
+    sums their outputs weighted by the router's (renormalised) top-k probabilities.
+
+    The experts are 3-D parameters of one module, not modules: `weight(e, role)` is expert e's gate, up or
+    down matrix as [out, in], a view of the stored tensor."""
+
+    name: str  # "L3.experts"
+    router: nn.Module  # weight [num_experts, hidden]; forward -> (logits, top-k weights, top-k indices)
+    experts: nn.Module  # gate_up_proj [E, 2I, H] (rows [gate; up]), down_proj [E, H, I], act_fn
+    top_k: int
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.experts.down_proj.shape[0])
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(self.experts.down_proj.shape[2])
+
+    @property
+    def act_fn(self) -> nn.Module:
+        return self.experts.act_fn
+
+    @property
+    def renormalises(self) -> bool:
+        """Whether the top-k probabilities are rescaled to sum to 1 (Mixtral always; Qwen3-MoE by its config)."""
+        return bool(getattr(self.router, "norm_topk_prob", True))
+
+    def weight(self, expert: int, role: str) -> torch.Tensor:
+        width = self.intermediate_size
+        with materialized(self.experts) as module:
+            if role == "down":
+                return module.down_proj[expert]
+            rows = {"gate": (0, width), "up": (width, 2 * width)}[role]
+            return module.gate_up_proj[expert].narrow(0, rows[0], width)
+
+    @property
+    def num_params(self) -> int:
+        return 3 * self.num_experts * self.intermediate_size * int(self.experts.down_proj.shape[1]) + \
+            self.router.weight.numel()
+
+    def routing(self, x: torch.Tensor) -> torch.Tensor:
+        """[tokens, num_experts] weights each token gives each expert (zero outside its top k), recomputed
+        from the router's weight."""
+        probs = torch.softmax(nn.functional.linear(x, self.router.weight).float(), dim=-1)
+        top, index = probs.topk(self.top_k, dim=-1)
+        if self.renormalises:
+            top = top / top.sum(dim=-1, keepdim=True)
+        return torch.zeros_like(probs).scatter(-1, index, top).to(x.dtype)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The MoE MLP recomputed expert by expert, densely (an independent check of the module's forward)."""
+        flat = x.reshape(-1, x.shape[-1])
+        weights = self.routing(flat)
+        out = torch.zeros_like(flat)
+        for e in range(self.num_experts):
+            h = self.act_fn(flat @ self.weight(e, "gate").T) * (flat @ self.weight(e, "up").T)
+            out += weights[:, e : e + 1] * (h @ self.weight(e, "down").T)
+        return out.reshape(x.shape)
+
+
 @dataclass
 class LayerView:
     index: int
@@ -100,10 +164,30 @@ class LayerView:
     k_norm: nn.Module | None = None
     head_projections: dict[str, LinearView] = field(default_factory=dict)  # q, k, v (split if fused)
     mlp: nn.Module | None = None
+    moe: ExpertsView | None = None  # a mixture-of-experts MLP: then linears hold the attention projections only
 
     @property
     def gated_mlp(self) -> bool:
-        return "up" in self.linears
+        return "up" in self.linears or self.moe is not None
+
+    def output_site(self, part: str) -> str:
+        """The site of a sublayer's output ("attn" or "mlp"): its output projection's, or the mixture's."""
+        if part == "mlp" and self.moe is not None:
+            return site_key(self.index, "moe_out")
+        return projection_site(projection_key(self.index, "o" if part == "attn" else "down"), "out")
+
+    def output_parameters(self, part: str) -> list[torch.Tensor]:
+        """The parameters that, zeroed, silence a sublayer: its output projection's weight and bias (every
+        expert's down projection in a mixture of experts)."""
+        if part == "mlp" and self.moe is not None:
+            return [self.moe.experts.down_proj]
+        module = self.linears["o" if part == "attn" else "down"].module
+        return [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
+
+    @property
+    def ffn_width(self) -> int:
+        """Width of the MLP's intermediate (one expert's, in a mixture of experts)."""
+        return self.moe.intermediate_size if self.moe is not None else self.linears["gate"].out_features
 
     def linear(self, role: str) -> LinearView:
         return self.linears[role]
@@ -131,7 +215,7 @@ class ModelAdapter:
         self.final_norm: nn.Module = resolve(model, spec.final_norm)
         self.lm_head: nn.Module = resolve(model, spec.lm_head)
         self.layers: list[LayerView] = [self._layer_view(i, m) for i, m in enumerate(resolve(model, spec.layers))]
-        self.intermediate_size: int = self.layers[0].linears["gate"].out_features
+        self.intermediate_size: int = self.layers[0].ffn_width
         self.num_layers = len(self.layers)
         self.rotary: nn.Module | None = resolve(model, spec.rotary) if spec.rotary else None
         self.pos_embed: nn.Module | None = resolve(model, spec.pos_embed) if spec.pos_embed else None
@@ -159,12 +243,13 @@ class ModelAdapter:
     def _layer_view(self, index: int, layer: nn.Module) -> LayerView:
         spec = self.spec
         t = spec.transposed_weights
+        moe = self._experts_view(index, layer)
         linears: dict[str, LinearView] = {}
-        for role in ATTN_ROLES + MLP_ROLES:
+        for role in ATTN_ROLES + (() if moe else MLP_ROLES):
             path = getattr(spec, role)
             if path is not None:
                 linears[role] = LinearView(f"L{index}.{role}", resolve(layer, path), transposed=t)
-        if spec.gate_up is not None:  # one module, output rows [gate; up]: two views of it
+        if spec.gate_up is not None and moe is None:  # one module, output rows [gate; up]: two views of it
             fused_mlp = resolve(layer, spec.gate_up)
             width = (fused_mlp.weight.shape[1] if t else fused_mlp.weight.shape[0]) // 2
             linears["gate"] = LinearView(f"L{index}.gate", fused_mlp, t, (0, width))
@@ -183,11 +268,24 @@ class ModelAdapter:
             index=index,
             module=layer,
             attn=resolve(layer, spec.attn),
-            act_fn=resolve(layer, spec.act),
+            act_fn=moe.act_fn if moe else resolve(layer, spec.act),
             linears=linears,
             head_projections=heads,
+            moe=moe,
             **optional,
         )
+
+    def _experts_view(self, index: int, layer: nn.Module) -> ExpertsView | None:
+        """The layer's mixture of experts, or None for a dense MLP (every layer of a dense family; the
+        `mlp_only_layers` of Qwen3-MoE)."""
+        if self.spec.experts is None:
+            return None
+        try:
+            experts = resolve(layer, self.spec.experts)
+        except AttributeError:
+            return None
+        router = resolve(layer, self.spec.router)
+        return ExpertsView(f"L{index}.experts", router, experts, int(router.top_k))
 
     def _qkv_rows(self) -> dict[str, Rows]:
         """Where q, k and v sit in a fused qkv projection's output rows."""
@@ -204,7 +302,22 @@ class ModelAdapter:
         return [lin for layer in self.layers for lin in layer.linears.values()]
 
     def linear_params(self) -> int:
-        return sum(lin.num_params for lin in self.iter_linears())
+        return sum(lin.num_params for lin in self.iter_linears()) + sum(
+            layer.moe.num_params for layer in self.layers if layer.moe is not None)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Layers whose MLP is a mixture of experts."""
+        return [layer.index for layer in self.layers if layer.moe is not None]
+
+    def refuse_moe(self, what: str) -> None:
+        """A one-line error for a transform that does not reach into mixture-of-experts MLPs."""
+        if self.moe_layers:
+            layer = self.layers[self.moe_layers[0]].moe
+            raise UnsupportedArchitectureError(
+                f"{what} is not supported on mixture-of-experts models ({self.family}: {len(self.moe_layers)} "
+                f"layers route each token to {layer.top_k} of {layer.num_experts} experts, whose weights are "
+                "3-D tensors of one module); profile, ppl, eval, layer removal and steering work on this model")
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -217,6 +330,9 @@ class ModelAdapter:
             "kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
             "gated_mlp": self.layers[0].gated_mlp,
+            **({"experts": self.layers[self.moe_layers[0]].moe.num_experts,
+                "experts_per_token": self.layers[self.moe_layers[0]].moe.top_k,
+                "moe_layers": len(self.moe_layers)} if self.moe_layers else {}),
             "fused_qkv": "qkv" in self.layers[0].linears,
             "fused_gate_up": self.spec.gate_up is not None,
             "parallel_residual": self.parallel_residual,

@@ -13,6 +13,10 @@ names. Canonical roles:
 - norms: `attn_norm` (before attention), `mlp_norm` (before the MLP; its input is the residual stream
   after attention), optional norms applied to the sublayer outputs (Gemma 2/3 have both, OLMo-2 only these),
   optional q/k norms per head (Qwen3, Gemma 3) or over the whole projection (OLMo-2);
+- mixture of experts (Mixtral, Qwen3-MoE): `router` returns (logits, top-k weights, top-k indices) and
+  `experts` holds every expert's weights as 3-D tensors (transformers 5: gate_up_proj [E, 2I, H] with rows
+  [gate; up] per expert, down_proj [E, H, I]). A layer whose MLP has no `experts` module is a dense layer of
+  the same family (Qwen3-MoE's `mlp_only_layers`), read through `gate` / `up` / `down`;
 - residual: sequential (attention, then the MLP on the updated stream) or, where the config's
   `parallel_residual_attr` is true, parallel (GPT-NeoX: x + attn(norm1(x)) + mlp(norm2(x))).
 """
@@ -36,8 +40,8 @@ class ArchSpec:
     # per-layer parts, relative to one decoder layer
     attn: str
     o: str
-    gate: str | None  # None only with a fused gate_up
-    down: str
+    gate: str | None  # None with a fused gate_up, or in a family whose every layer is a mixture of experts
+    down: str | None
     act: str
     attn_norm: str | None = None  # None: the sublayer reads the residual stream itself (OLMo-2)
     mlp_norm: str | None = None
@@ -48,6 +52,12 @@ class ArchSpec:
     qkv: str | None = None
     up: str | None = None
     gate_up: str | None = None  # one module whose output rows are [gate; up] (Phi-3)
+    router: str | None = None  # mixture of experts (see above)
+    experts: str | None = None
+    # config fields that place the dense layers of a partly-MoE family: a list of layer indices and a period
+    # (Qwen-MoE: layer i has experts unless i is in mlp_only_layers, and only where (i + 1) % step == 0)
+    dense_layers_attr: str | None = None
+    sparse_step_attr: str | None = None
     qkv_layout: str = "blocks"  # "blocks": [q; k; v]; "heads": [q_h; k_h; v_h] per head (GPT-NeoX)
     parallel_residual_attr: str | None = None  # config attribute that turns on the parallel residual
     attn_post_norm: str | None = None
@@ -68,7 +78,7 @@ class ArchSpec:
 
     @property
     def gated_mlp(self) -> bool:
-        return self.up is not None or self.gate_up is not None
+        return self.up is not None or self.gate_up is not None or self.experts is not None
 
 
 _LLAMA_LIKE = dict(
@@ -105,6 +115,12 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec(family="mistral", model_types=("mistral",), sliding_window_from_config=True, **_LLAMA_LIKE),
     ArchSpec(family="qwen3", model_types=("qwen3",), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
              **_LLAMA_LIKE),
+    ArchSpec(family="mixtral", model_types=("mixtral",), sliding_window_from_config=True,
+             **{**_LLAMA_LIKE, "gate": None, "up": None, "down": None, "act": "mlp.experts.act_fn"},
+             router="mlp.gate", experts="mlp.experts"),
+    ArchSpec(family="qwen3_moe", model_types=("qwen3_moe",), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
+             **{**_LLAMA_LIKE, "act": "mlp.act_fn"}, router="mlp.gate", experts="mlp.experts",
+             dense_layers_attr="mlp_only_layers", sparse_step_attr="decoder_sparse_step"),
     ArchSpec(
         family="gemma3",
         model_types=("gemma3_text",),

@@ -59,7 +59,7 @@ def split_key(key: str) -> tuple[int, str]:
 
 
 _ATTENTION_SITES = {"attn_in", "v", "attn_probs", "o_in"}
-_MLP_SITES = {"mlp_in", "gate", "act", "up", "down_in"}
+_MLP_SITES = {"mlp_in", "gate", "act", "up", "down_in", "router", "routing", "moe_out"}
 
 
 def sublayer_of(kind: str) -> str | None:

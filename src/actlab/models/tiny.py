@@ -18,6 +18,7 @@ from transformers import (
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     Olmo2Config,
     OPTConfig,
     Phi3Config,
@@ -25,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 TINY_SEED = 1234
@@ -75,6 +77,21 @@ def _qwen3(vocab: int) -> PretrainedConfig:
     return Qwen3Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=16, max_position_embeddings=MAX_POSITIONS,
                        initializer_range=0.08, tie_word_embeddings=True, **_common(vocab))
+
+
+def _mixtral(vocab: int) -> PretrainedConfig:
+    return MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                         max_position_embeddings=MAX_POSITIONS, initializer_range=0.08, **_common(vocab))
+
+
+def _qwen3_moe(vocab: int) -> PretrainedConfig:
+    """Experts in layers 0 and 2, a dense MLP in layer 1 (mlp_only_layers); top-k weights not renormalised."""
+    return Qwen3MoeConfig(hidden_size=64, intermediate_size=160, moe_intermediate_size=48, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=6,
+                          num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1],
+                          max_position_embeddings=MAX_POSITIONS, initializer_range=0.08, tie_word_embeddings=True,
+                          **_common(vocab))
 
 
 def _gemma3(vocab: int) -> PretrainedConfig:
@@ -136,6 +153,8 @@ TINY_CONFIGS: dict[str, Callable[[int], PretrainedConfig]] = {
     "tiny-olmo2": _olmo2,
     "tiny-phi3": _phi3,
     "tiny-gpt-neox": _gpt_neox,
+    "tiny-mixtral": _mixtral,
+    "tiny-qwen3-moe": _qwen3_moe,
     "tiny-gpt2": _gpt2,
     "tiny-opt": _opt,
 }

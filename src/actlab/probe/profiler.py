@@ -16,6 +16,7 @@ from actlab.probe.sites import Site, select_sites
 from actlab.probe.stats.attention_heads import AttentionHeads
 from actlab.probe.stats.base import BatchInfo, Statistic, TableContext
 from actlab.probe.stats.distribution import ActivationDistribution
+from actlab.probe.stats.experts import ExpertRouting
 from actlab.probe.stats.frequency import NeuronFrequency
 from actlab.probe.stats.layers import LayerRedundancy
 from actlab.probe.stats.logit_lens import LogitLens
@@ -36,6 +37,7 @@ def default_statistics(lm: LoadedModel, query_stride: int = DEFAULT_QUERY_STRIDE
         AttentionHeads(ad.num_heads, ad.num_kv_heads, ad.vocab_size, query_stride=query_stride),
         LayerRedundancy(),
         LogitLens(ad, position_stride=lens_stride),
+        *([ExpertRouting()] if ad.moe_layers else []),
     ]
 
 

@@ -14,6 +14,10 @@ Per layer i:
   L{i}.act         activation output act(gate)
   L{i}.up          output of up_proj (gated MLPs only)
   L{i}.down_in     the intermediate fed to down_proj (act * up, or act)
+  in a mixture-of-experts layer (Mixtral), instead of gate ... down_in:
+  L{i}.router      router logits, [tokens, experts] (read only)
+  L{i}.routing     the weight each token gives each expert, zero outside its top k, [tokens, experts] (read only)
+  L{i}.moe_out     the MLP's output: the routed experts' outputs, weighted and summed
   L{i}.resid_out   residual stream leaving the block
 and `final_norm`, `logits`. Every projection also has its own input and output site, `L{i}.<role>_in` and
 `L{i}.<role>_out` (role q, k, v or qkv, o, gate, up, down): q_in, k_in and v_in all see attn_in's tensor,
@@ -41,9 +45,9 @@ from actlab.models.adapter import LinearView, ModelAdapter, Rows, replace_rows, 
 from actlab.models.keys import projection_key, projection_site, site_key
 
 LAYER_SITE_KINDS = ("resid_in", "attn_in", "v", "attn_probs", "o_in", "resid_mid", "mlp_in", "gate", "act", "up",
-                    "down_in", "resid_out")
+                    "down_in", "router", "routing", "moe_out", "resid_out")
 GLOBAL_SITE_KINDS = ("final_norm", "logits")
-READ_ONLY_KINDS = ("attn_probs",)
+READ_ONLY_KINDS = ("attn_probs", "router", "routing")
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,9 +95,10 @@ def all_sites(adapter: ModelAdapter) -> list[Site]:
     """Every site of the model: per layer the named sites in forward order, then its projection sites."""
     sites: list[Site] = []
     hd, nh, nkv = adapter.head_dim, adapter.num_heads, adapter.num_kv_heads
-    d, ffn = adapter.hidden_size, adapter.intermediate_size
+    d = adapter.hidden_size
     for layer in adapter.layers:
         i = layer.index
+        ffn = layer.ffn_width
         v_view = layer.head_projections["v"]
 
         def v_select(out, rows=v_view.rows, nkv=nkv, hd=hd):
@@ -102,7 +107,6 @@ def all_sites(adapter: ModelAdapter) -> list[Site]:
         def o_select(x, nh=nh, hd=hd):
             return _first(x).reshape(-1, nh, hd)
 
-        gate, up = layer.linears["gate"], layer.linears.get("up")
         named = [  # kind, module, capture, channels, select, rows, heads
             ("resid_in", layer.module, "input", d, None, None, None),
             ("attn_in", *((layer.attn_norm, "output") if layer.attn_norm is not None else (layer.attn, "input")), d,
@@ -113,10 +117,7 @@ def all_sites(adapter: ModelAdapter) -> list[Site]:
             ("resid_mid", layer.mlp_norm if layer.mlp_norm is not None else layer.mlp, "input", d, None, None, None),
             ("mlp_in", *((layer.mlp_norm, "output") if layer.mlp_norm is not None else (layer.mlp, "input")), d,
              None, None, None),
-            ("gate", gate.module, "output", ffn, None, gate.rows, None),
-            ("act", layer.act_fn, "output", ffn, None, None, None),
-            ("up", up.module if up else None, "output", ffn, None, up.rows if up else None, None),
-            ("down_in", layer.linears["down"].module, "input", ffn, None, None, None),
+            *(_expert_sites(layer, d) if layer.moe else _mlp_sites(layer, ffn)),
             ("resid_out", layer.module, "output", d, None, None, None),
         ]
         sites += [Site(site_key(i, kind), kind, i, mod, cap, ch, sel, rows, heads)
@@ -135,6 +136,27 @@ def all_sites(adapter: ModelAdapter) -> list[Site]:
     sites.append(Site("final_norm", "final_norm", None, adapter.final_norm, "output", d))
     sites.append(Site("logits", "logits", None, adapter.lm_head, "output", adapter.vocab_size))
     return sites
+
+
+def _mlp_sites(layer, ffn: int) -> list[tuple]:
+    gate, up = layer.linears["gate"], layer.linears.get("up")
+    return [("gate", gate.module, "output", ffn, None, gate.rows, None),
+            ("act", layer.act_fn, "output", ffn, None, None, None),
+            ("up", up.module if up else None, "output", ffn, None, up.rows if up else None, None),
+            ("down_in", layer.linears["down"].module, "input", ffn, None, None, None)]
+
+
+def _expert_sites(layer, d: int) -> list[tuple]:
+    moe = layer.moe
+
+    def routing(out, n=moe.num_experts):  # the router returns (logits, top-k weights, top-k indices)
+        logits, weights, index = out
+        return torch.zeros(logits.shape[0], n, dtype=weights.dtype, device=weights.device).scatter(-1, index,
+                                                                                                   weights)
+
+    return [("router", moe.router, "output", moe.num_experts, lambda out: out[0], None, None),
+            ("routing", moe.router, "output", moe.num_experts, routing, None, None),
+            ("moe_out", layer.mlp, "output", d, None, None, None)]
 
 
 def site_channels(site: Site, adapter: ModelAdapter) -> int:

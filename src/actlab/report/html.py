@@ -37,13 +37,17 @@ def show_token(token: Any) -> str:
 
 
 def massive_events(top: pd.DataFrame) -> list[dict[str, Any]]:
-    """The largest activations, one row per event (a channel at one token of one window) with the range of layers
-    it spans and its peak, instead of one row per layer of the same event."""
+    """The largest activations, one row per event - a channel at one token, wherever that token stands - with the
+    range of layers it spans, its peak, and how many (window, position) places it was seen at: the BOS of every
+    window is one row, not one per window and layer."""
     if not len(top):
         return []
-    keys = ["channel", "window", "position", "token"]
-    events = top.groupby(keys, as_index=False).agg(value=("value", "max"), first=("layer", "min"),
-                                                   last=("layer", "max"), layers=("layer", "nunique"))
+    top = top.assign(place=top["window"].astype(str) + ":" + top["position"].astype(str))
+    events = top.groupby(["channel", "token"], as_index=False).agg(
+        value=("value", "max"), first=("layer", "min"), last=("layer", "max"), layers=("layer", "nunique"),
+        places=("place", "nunique"), positions=("position", lambda p: sorted(set(int(x) for x in p))))
+    events["positions"] = events["positions"].map(
+        lambda p: ", ".join(map(str, p[:4])) + (f" (+{len(p) - 4} more)" if len(p) > 4 else ""))
     return events.sort_values("value", ascending=False).head(MASSIVE_ROWS).to_dict("records")
 
 
@@ -82,6 +86,7 @@ def render_report(manifest: dict[str, Any], tables: dict[str, pd.DataFrame]) -> 
         findings=findings(tables),
         next_steps=next_steps(tables, manifest["model"]["name"]),
         summary=layer_summary(tables).to_dict("records"),
+        moe="experts" in tables and len(tables["experts"]) > 0,
         figures=figures,
         massive_rows=massive_rows,
         sink_rows=sinks.head(SINK_ROWS).to_dict("records") if len(sinks) else [],

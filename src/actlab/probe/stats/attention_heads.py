@@ -2,7 +2,8 @@
 
 Reads `L{i}.attn_probs` (rows for the sampled queries, see probe.attention), `L{i}.v` and `L{i}.resid_out`.
 Per head h of layer i, over sampled query rows at positions p > 0:
-- first_token_mass: mean attention probability on position 0 (the classic sink, Xiao et al. 2023);
+- first_token_mass: mean attention probability on position 0 (the classic sink, Xiao et al. 2023), over the
+  queries that can see it (a sliding-window layer's later queries cannot: Gemma, Mistral);
 - entropy: mean Shannon entropy (nats) of a query's attention distribution;
 - later sinks: keys k > 0 whose mean received mass, over the sampled queries that can see k, exceeds
   `sink_threshold` (counted per window; their tokens are tallied);
@@ -25,7 +26,7 @@ MIN_VISIBLE_ROWS = 4
 
 class AttentionHeads(Statistic):
     name = "attention"
-    rules = {f: "sum" for f in ("rows", "windows", "first_mass", "entropy", "sink_count", "vnorm_first",
+    rules = {f: "sum" for f in ("rows", "windows", "first_rows", "first_mass", "entropy", "sink_count", "vnorm_first",
                                 "vnorm_rest", "vnorm_sink", "resid_first", "resid_median_rest", "resid_sink",
                                 "resid_sink_count", "resid_windows", "sink_tokens")}
 
@@ -47,7 +48,8 @@ class AttentionHeads(Statistic):
 
     def allocate(self, sites, adapter, batch_size, seq_len):
         f64, h, kv = torch.float64, self.num_heads, self.num_kv_heads
-        shapes = {"rows": (1,), "windows": (1,), "first_mass": (h,), "entropy": (h,), "sink_count": (h,),
+        shapes = {"rows": (1,), "windows": (1,), "first_rows": (h,),
+                  "first_mass": (h,), "entropy": (h,), "sink_count": (h,),
                   "sink_tokens": (self.vocab_size,), "vnorm_first": (kv,), "vnorm_rest": (kv,), "vnorm_sink": (h,),
                   "resid_windows": (1,), "resid_first": (1,), "resid_median_rest": (1,), "resid_sink": (1,),
                   "resid_sink_count": (1,)}
@@ -75,6 +77,7 @@ class AttentionHeads(Statistic):
         fields = {
             "rows": torch.tensor([b * rows], dtype=torch.float64),
             "windows": torch.tensor([b], dtype=torch.float64),
+            "first_rows": (probs[..., 0] > 0).double().sum(dim=(0, 2)),  # queries the window lets see position 0
             "first_mass": probs[..., 0].double().sum(dim=(0, 2)),
             "entropy": -torch.special.xlogy(probs, probs).sum(-1).double().sum(dim=(0, 2)),
         }
@@ -118,11 +121,12 @@ class AttentionHeads(Statistic):
                 rest = f["vnorm_rest"][kv] / f["windows"] if "vnorm_rest" in f else nan
                 first = f["vnorm_first"][kv] / f["windows"] if "vnorm_first" in f else nan
                 sink_v = f["vnorm_sink"] / f["sink_count"].clamp_min(1) if "vnorm_sink" in f else nan
+                first_rows = f["first_rows"] if "first_rows" in f else f["rows"].expand(self.num_heads)  # older runs
                 for h in range(self.num_heads):
                     has_sinks = f["sink_count"][h] > 0
                     heads.append({
                         "layer": layer, "head": h,
-                        "first_token_mass": float(f["first_mass"][h] / f["rows"]),
+                        "first_token_mass": float(f["first_mass"][h] / first_rows[h].clamp_min(1)),
                         "entropy": float(f["entropy"][h] / f["rows"]),
                         "later_sinks_per_window": float(f["sink_count"][h] / f["windows"]),
                         "value_norm_first": float(first[h]),

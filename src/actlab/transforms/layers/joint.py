@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from actlab.errors import ConfigError
-from actlab.models.keys import layer_of, projection_key, projection_site, site_key
+from actlab.models.keys import layer_of, site_key
 from actlab.progress import status, track
 from actlab.transforms.layers.base import LayerMethod
 from actlab.transforms.layers.importance import (
@@ -117,7 +117,7 @@ class Joint(LayerMethod):
         for part in candidates:
             i, sub = layer_of(part), part.split(".")[1]
             reads[site_key(i, SUBLAYER_INPUT[sub])] = (part, "in")
-            reads[projection_site(projection_key(i, "o" if sub == "attn" else "down"), "out")] = (part, "out")
+            reads[lm.adapter.layers[i].output_site(sub)] = (part, "out")
         held: dict[str, torch.Tensor] = {}
 
         def collect(site, x):

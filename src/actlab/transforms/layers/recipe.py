@@ -18,7 +18,7 @@ import torch
 
 from actlab import schema
 from actlab.errors import ConfigError
-from actlab.models.keys import layer_key, layer_of, projection_key, projection_site, site_key
+from actlab.models.keys import layer_key, layer_of, projection_key, site_key
 from actlab.probe.edit import Edit, Editor, zero
 from actlab.transforms.base import Claim, Recipe, register_recipe
 from actlab.transforms.layers.repair import TENSORS, apply_repair, repair_params
@@ -105,7 +105,7 @@ class LayerRecipe(Recipe):
             edits.append(Edit(site_key(i, "resid_out"), _recall(held, self.repair.get(layer_key(i)))))
         for i, part in self.sublayers():
             name = f"{layer_key(i)}.{part}"
-            output = projection_site(projection_key(i, "o" if part == "attn" else "down"), "out")
+            output = lm.adapter.layers[i].output_site(part)
             if name in self.repair:
                 held = {}
                 edits.append(Edit(site_key(i, SUBLAYER_INPUT[part]), _remember(held)))
@@ -147,10 +147,8 @@ class LayerRecipe(Recipe):
         adapter = adapter_for(model)
         with torch.no_grad():
             for i, part in self.sublayers():
-                lin = adapter.layers[i].linears["o" if part == "attn" else "down"]
-                lin.module.weight.zero_()
-                if getattr(lin.module, "bias", None) is not None:
-                    lin.module.bias.zero_()
+                for param in adapter.layers[i].output_parameters(part):
+                    param.zero_()
         removed = set(self.blocks())
         if removed:
             remove_blocks(model, adapter, removed)
@@ -188,9 +186,14 @@ def remove_blocks(model: Any, adapter: Any, removed: set[int]) -> None:
     layers = getattr(container, name)
     setattr(container, name, torch.nn.ModuleList([layers[i] for i in kept]))
     config = model.config
+    spec = adapter.spec
     for key, value in list(vars(config).items()):
-        if isinstance(value, list) and len(value) == n and not key.startswith("_"):
+        if isinstance(value, list) and len(value) == n and not key.startswith("_") and key != spec.dense_layers_attr:
             setattr(config, key, [value[i] for i in kept])
+    if spec.dense_layers_attr:  # which kept layers are dense, by their new indices (the period no longer holds)
+        dense = [new for new, old in enumerate(kept) if adapter.layers[old].moe is None]
+        setattr(config, spec.dense_layers_attr, dense)
+        setattr(config, spec.sparse_step_attr, 1)
     for attr in ("num_hidden_layers", "n_layer"):
         if hasattr(config, attr):
             setattr(config, attr, len(kept))
