@@ -842,8 +842,19 @@ def _click_exceptions():
     return exceptions
 
 
+def quiet_library_deprecations() -> None:
+    """Deprecation notices from transformers and the hub are addressed to actlab's code, not to its user: kept
+    out of the command line's output (the Python API leaves warnings as the caller set them)."""
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning):
+        for module in ("transformers", "huggingface_hub", "torch", "actlab"):  # stacklevel=2 names the caller
+            warnings.filterwarnings("ignore", category=category, module=module)
+
+
 def main() -> None:
     click = _click_exceptions()
+    quiet_library_deprecations()
     if len(sys.argv) > 1 and not {"--help", "-h", "--version"} & set(sys.argv):
         from actlab import threads
 

@@ -47,3 +47,20 @@ def test_profile_merge_and_report_print_json(tmp_path):
     assert summary["merged"] == runs and summary["tokens"] == 256
     report = _actlab("report", str(tmp_path / "ab"), "--json")
     assert report.returncode == 0 and json.loads(report.stdout)["report"].endswith("report.html")
+
+
+def test_library_deprecation_notices_stay_out_of_the_command_line():
+    """transformers' deprecate_kwarg warns with stacklevel=2: the notice is attributed to whoever called the
+    deprecated function (torch's module call, or actlab). The CLI drops those, and keeps every other warning."""
+    import warnings
+
+    from actlab.cli import quiet_library_deprecations
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_library_deprecations()
+        for module in ("torch.nn.modules.module", "actlab.engine.decode", "transformers.generation.utils"):
+            warnings.warn_explicit("`past_key_values` is deprecated", FutureWarning, "x.py", 1, module=module)
+        warnings.warn_explicit("a real problem", UserWarning, "x.py", 1, module="transformers.modeling_utils")
+        warnings.warn_explicit("someone else's", FutureWarning, "x.py", 1, module="numpy")
+    assert [str(w.message) for w in seen] == ["a real problem", "someone else's"]

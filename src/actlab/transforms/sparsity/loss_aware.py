@@ -42,7 +42,6 @@ from dataclasses import dataclass
 import torch
 
 from actlab.errors import ConfigError
-from actlab.progress import status
 from actlab.transforms.sparsity.allocation import global_threshold
 from actlab.transforms.sparsity.base import Sparsifier
 from actlab.transforms.sparsity.budget import projection_keys, projection_params
@@ -122,13 +121,9 @@ class LossAware(Sparsifier):
         held = calib.windows[-self.select_windows:]
         scored: dict[tuple, tuple[float, SparsityRecipe]] = {}
 
-        total = len(options) + len(shrinkages) - 1
-
-        def consider(option: tuple) -> None:  # each candidate is a calibration forward pass: say how far it is
+        def consider(option: tuple) -> None:
             recipe = self.candidate(calib, target, *option)
             scored[option] = (calibration_loss(calib, recipe, held), recipe)
-            status(f"loss-aware: candidate {len(scored)}/{total} ({option[0]}, {option[1]}, toward uniform "
-                   f"{option[2]:g}): calibration loss {scored[option][0]:.4f}")
 
         for option in options:
             consider(option)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from actlab.errors import ConfigError
+from actlab.progress import status
 from actlab.transforms.sparsity.base import Sparsifier
 from actlab.transforms.sparsity.budget import check_target
 from actlab.transforms.sparsity.recipe import SparsityRecipe
@@ -28,10 +30,14 @@ def calibrate(method: str | Sparsifier, calib: Any, target: float, refine: int =
     if not isinstance(refine, int) or refine < 0:
         raise ConfigError(f"refine must be a whole number >= 0, got {refine!r}")
     calib = calib if isinstance(calib, SparsityCalibration) else SparsityCalibration.of(calib)
+    start = time.perf_counter()
+    status(f"{sparsifier.name}: calibrating to {target:.0%} effective sparsity ...")  # loss-aware: minutes
     recipe = sparsifier.calibrate(calib, target)
     for step in range(refine if target > 0 else 0):
         if all(rule.kind in ("topk", "core") for rule in recipe.rules.values()):
             break  # exact per-token (or per-sentence) top-k: nothing to refit
+        status(f"{sparsifier.name}: refinement {step + 1}/{refine} on the sparsified model "
+               f"({time.perf_counter() - start:.0f} s so far) ...")
         previous, recipe = recipe, sparsifier.calibrate(calib.sparse_view(recipe), target)
         recipe.calibration = {**previous.calibration, **recipe.calibration}  # e.g. the losses that chose a variant
         recipe.calibration["refined"] = step + 1
