@@ -44,3 +44,37 @@ def write_results(path: str | Path, payload: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=1))
     print(f"wrote {out}")
+
+
+def decode_bench_parser(doc: str, reps: int):
+    """The arguments every side-by-side decode bench takes (model, threads, tokens, repetitions, perplexity
+    windows, JSON output); the script adds its own."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=reps)
+    ap.add_argument("--windows", type=int, default=8, help="WikiText-2 windows for perplexity")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--json", default=None)
+    return ap
+
+
+def pin_threads(threads: int) -> None:
+    """OpenMP and torch at `threads` threads, before anything is timed."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def busy_cores_warning() -> float | None:
+    """Cores other work keeps busy (printed as a warning when over half a core: timings would be unreliable)."""
+    from actlab.threads import busy_cores  # the bench scripts put src/ on the path
+
+    busy = busy_cores(0.5)
+    if busy is not None and busy > 0.5:
+        print(f"warning: {busy:.1f} cores busy with other work: timings unreliable", flush=True)
+    return busy

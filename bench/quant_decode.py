@@ -16,9 +16,7 @@ else may run meanwhile (the script warns when cores are busy). Decode speed: the
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -29,7 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "src"))
 
 from gguf_llama_cpp import llama_cpp_python  # noqa: E402
-from peers import run_peer, write_results  # noqa: E402
+from peers import busy_cores_warning, decode_bench_parser, pin_threads, run_peer, write_results  # noqa: E402
 
 LLAMA_TYPES = {"F32": 0, "Q8_0": 7, "Q4_0": 2, "Q4_1": 3}
 
@@ -102,26 +100,15 @@ def gguf_bytes(path: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--windows", type=int, default=8, help="WikiText-2 windows for perplexity")
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap = decode_bench_parser(__doc__, reps=5)
     ap.add_argument("--sparsity", type=float, default=0.5)
-    ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    import torch
-
-    torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
     from actlab.engine.decode import DecodeEngine
     from actlab.engine.reference import prompt_ids
     from actlab.eval.perplexity import perplexity
     from actlab.export import export_gguf
     from actlab.jobs import setup
-    from actlab.threads import busy_cores
     from actlab.transforms import compose
     from actlab.transforms.quant import NoCalibration, get_method
     from actlab.transforms.sparsity import CalibrationData, calibrate
@@ -139,9 +126,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="actlab-quant-decode-"))
     export_gguf(lm, None, work / "model.gguf")
-    busy = busy_cores(0.5)
-    if busy is not None and busy > 0.5:
-        print(f"warning: {busy:.1f} cores busy with other work: timings unreliable", flush=True)
+    busy = busy_cores_warning()
     spec = {"f32": str(work / "model.gguf"), "types": LLAMA_TYPES, "threads": args.threads, "ctx": args.seq_len,
             "windows": windows.tolist(), "prompt": ids, "tokens": args.tokens, "reps": args.reps}
     llama = json.loads(run_peer(llama_cpp_python(), RUNNER, json.dumps(spec)).strip().splitlines()[-1])

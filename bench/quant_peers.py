@@ -15,10 +15,8 @@ threads spin like llama.cpp's (the script warns when cores are busy).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
 import time
@@ -28,7 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from peers import TORCH_SPEC, peer_python, run_peer, write_results  # noqa: E402
+from peers import (  # noqa: E402
+    TORCH_SPEC,
+    busy_cores_warning,
+    decode_bench_parser,
+    peer_python,
+    pin_threads,
+    run_peer,
+    write_results,
+)
 
 RUNNER = r"""
 import json, statistics, sys, time, traceback
@@ -119,25 +125,14 @@ def peers_python() -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--windows", type=int, default=8, help="WikiText-2 windows for perplexity")
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap = decode_bench_parser(__doc__, reps=3)
     ap.add_argument("--group", type=int, default=64)
-    ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    import torch
-
-    torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
     from actlab.engine.decode import DecodeEngine
     from actlab.engine.reference import FirstStepClock, hf_generate, prompt_ids
     from actlab.eval.perplexity import perplexity
     from actlab.jobs import setup
-    from actlab.threads import busy_cores
     from actlab.transforms import attach
     from actlab.transforms.quant import NoCalibration, get_method
 
@@ -151,9 +146,7 @@ def main() -> None:
     configs = {"fp32": None, f"rtn int8 g{args.group} sym": get_method("rtn", bits=8, group=args.group,
                                                                         symmetric=True).calibrate(bare),
                f"rtn int4 g{args.group}": get_method("rtn", bits=4, group=args.group).calibrate(bare)}
-    busy = busy_cores(0.5)
-    if busy is not None and busy > 0.5:
-        print(f"warning: {busy:.1f} cores busy with other work: timings unreliable", flush=True)
+    busy = busy_cores_warning()
     spec = {"model": directory, "threads": args.threads, "windows": windows.tolist(), "prompt": ids,
             "tokens": args.tokens, "reps": args.reps, "group": args.group}
     peers = json.loads(run_peer(peers_python(), RUNNER, json.dumps(spec)).strip().splitlines()[-1])

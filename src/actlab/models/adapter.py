@@ -310,14 +310,23 @@ class ModelAdapter:
         """Layers whose MLP is a mixture of experts."""
         return [layer.index for layer in self.layers if layer.moe is not None]
 
+    def _describe_experts(self) -> dict[str, int]:
+        """Experts per MoE layer, how many a token uses, and how many layers have them ({} for a dense model)."""
+        layers = self.moe_layers
+        if not layers:
+            return {}
+        moe = self.layers[layers[0]].moe
+        return {"experts": moe.num_experts, "experts_per_token": moe.top_k, "moe_layers": len(layers)}
+
     def refuse_moe(self, what: str) -> None:
         """A one-line error for a transform that does not reach into mixture-of-experts MLPs."""
-        if self.moe_layers:
-            layer = self.layers[self.moe_layers[0]].moe
+        experts = self._describe_experts()
+        if experts:
             raise UnsupportedArchitectureError(
-                f"{what} is not supported on mixture-of-experts models ({self.family}: {len(self.moe_layers)} "
-                f"layers route each token to {layer.top_k} of {layer.num_experts} experts, whose weights are "
-                "3-D tensors of one module); profile, ppl, eval, layer removal and steering work on this model")
+                f"{what} is not supported on mixture-of-experts models ({self.family}: {experts['moe_layers']} "
+                f"layers route each token to {experts['experts_per_token']} of {experts['experts']} experts, whose "
+                "weights are 3-D tensors of one module); profile, ppl, eval, layer removal and steering work on "
+                "this model")
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -330,9 +339,7 @@ class ModelAdapter:
             "kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
             "gated_mlp": self.layers[0].gated_mlp,
-            **({"experts": self.layers[self.moe_layers[0]].moe.num_experts,
-                "experts_per_token": self.layers[self.moe_layers[0]].moe.top_k,
-                "moe_layers": len(self.moe_layers)} if self.moe_layers else {}),
+            **self._describe_experts(),
             "fused_qkv": "qkv" in self.layers[0].linears,
             "fused_gate_up": self.spec.gate_up is not None,
             "parallel_residual": self.parallel_residual,
