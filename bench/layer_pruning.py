@@ -15,9 +15,7 @@ otherwise quiet machine.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,37 +25,39 @@ WORK = ROOT / "bench" / ".work" / "layers"
 TASKS = "wikitext2,lambada,arc_easy,arc_challenge,piqa,hellaswag"
 
 
-def calibrate(lm, method: str, fraction: float, calib_windows: int, seq_len: int) -> tuple[Path | None, str | None]:
+def calibrate(lm, method: str, fractions: list[float], calib_windows: int,
+              seq_len: int) -> dict[float, tuple[Path | None, str | None]]:
+    """Each fraction's recipe (path, or the reason it cannot be reached). A greedy method (SLEB, joint) is
+    calibrated once for the largest fraction; the smaller ones are its prefixes (LayerMethod.prefix), which are
+    what calibrating for them would return."""
     from actlab.errors import ConfigError
     from actlab.jobs import setup
-    from actlab.transforms.layers import get_method
+    from actlab.transforms.layers import LayerRecipe, get_method
 
-    path = WORK / f"{lm.name}-{method}-{fraction:g}.json"
-    if path.is_file():
-        return path, None
     chosen = get_method(method)
     chosen.progress = True
-    try:
-        start = time.perf_counter()
-        recipe = chosen.calibrate(setup.calibration(lm, "wikitext2:valid", seq_len, calib_windows), fraction)
-        recipe.calibration["seconds"] = time.perf_counter() - start
-    except ConfigError as exc:
-        return None, str(exc)
-    recipe.save(path)
-    return path, None
-
-
-def prefill_seconds(model, ids, reps: int = 3) -> float:
-    import torch
-
-    with torch.no_grad():
-        model(input_ids=ids)
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            model(input_ids=ids)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    out: dict[float, tuple[Path | None, str | None]] = {}
+    largest = None
+    for fraction in sorted(fractions, reverse=True):
+        path = WORK / f"{lm.name}-{method}-{fraction:g}.json"
+        if path.is_file():
+            out[fraction] = path, None
+            largest = largest or LayerRecipe.load(path)
+            continue
+        try:
+            if chosen.greedy and largest is not None:
+                recipe = chosen.prefix(largest, lm.adapter, fraction)
+            else:
+                start = time.perf_counter()
+                recipe = chosen.calibrate(setup.calibration(lm, "wikitext2:valid", seq_len, calib_windows), fraction)
+                recipe.calibration["seconds"] = time.perf_counter() - start
+                largest = largest or recipe
+        except ConfigError as exc:
+            out[fraction] = None, str(exc)
+            continue
+        recipe.save(path)
+        out[fraction] = path, None
+    return {f: out[f] for f in fractions}
 
 
 def main() -> None:
@@ -79,13 +79,13 @@ def main() -> None:
     from actlab.transforms.layers import removed_fraction
 
     WORK.mkdir(parents=True, exist_ok=True)
-    rows, notes = [], []
+    rows, notes, speeds = [], [], {}
     for model in args.models.split(","):
         lm = actlab.load_model(model)
         recipes = {}
+        fractions = [float(f) for f in args.fractions.split(",")]
         for method in args.methods.split(","):
-            for fraction in (float(f) for f in args.fractions.split(",")):
-                path, error = calibrate(lm, method, fraction, args.calib_windows, args.seq_len)
+            for fraction, (path, error) in calibrate(lm, method, fractions, args.calib_windows, args.seq_len).items():
                 if error:
                     notes.append(f"{model} {method} {fraction:g}: {error}")
                     print(notes[-1], file=sys.stderr)
@@ -108,29 +108,22 @@ def main() -> None:
                     row[f"{task}/{metric}/delta_se"] = d_se
             if args.speed and col.speed and "decode_tok_s" in col.speed and dense.speed:
                 row["decode_speedup"] = col.speed["decode_tok_s"] / dense.speed["decode_tok_s"]
+                row["prefill_speedup"] = col.speed.get("prefill_speedup")  # HF, the removed parts skipped
+                row["speed"] = col.speed
             rows.append(row)
-        if args.speed:
-            import torch
-
-            from actlab.engine.reference import prompt_ids
-
-            ids = torch.tensor([prompt_ids(lm, 512)])
-            base = prefill_seconds(lm.model, ids)
-            for row, path in zip([r for r in rows if r["model"] == model], recipes.values()):
-                recipe = load_recipe(str(path))
-                if recipe.changes_structure(lm) and not recipe.repair:
-                    pruned = recipe.fold_into(lm, copy.deepcopy(lm.model))
-                    row["prefill_speedup"] = base / prefill_seconds(pruned, ids)
+        if args.speed and dense.speed:
+            speeds[model] = dense.speed
     metrics = [k for k in (rows[0] if rows else {}) if k.count("/") == 1]
     print("| model | method | target | removed | " + " | ".join(metrics) + " | decode × | prefill × |")
     print("|---" * (6 + len(metrics)) + "|")
     for r in rows:
         cells = [f"{r[m]:.4g} ({r[m + '/delta']:+.3g})" for m in metrics]
         print(f"| {r['model']} | {r['method']} | {r['target']:g} | {r['removed_fraction']:.3f} | " + " | ".join(cells)
-              + f" | {r.get('decode_speedup', float('nan')):.2f} | {r.get('prefill_speedup', float('nan')):.2f} |")
+              + f" | {r.get('decode_speedup') or float('nan'):.2f} | {r.get('prefill_speedup') or float('nan'):.2f} |")
     for n in notes:
         print(f"- {n}")
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "notes": notes}, indent=1))
+    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "notes": notes, "dense_speed": speeds},
+                                         indent=1))
 
 
 if __name__ == "__main__":

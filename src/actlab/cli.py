@@ -362,7 +362,10 @@ def eval_cmd(
         print(f"{col.name}: {col.recipe.describe()}; {measured}")
     for col in result.columns:
         if col.speed.get("decode_tok_s"):
-            print(f"{col.name}: decode {col.speed['decode_tok_s']:.1f} tok/s, engine {col.speed['engine_mb']:.0f} MB")
+            prefill = (f", HF prefill {col.speed['prefill_s'] * 1e3:.0f} ms ({col.speed['prefill_speedup']:.2f}x dense)"
+                       if "prefill_s" in col.speed else "")
+            print(f"{col.name}: decode {col.speed['decode_tok_s']:.1f} tok/s, engine {col.speed['engine_mb']:.0f} MB"
+                  + prefill)
     if out:
         print(f"-> {Path(out) / 'compare.html'}")
 
@@ -402,6 +405,8 @@ def layers_cmd(
     windows: HeldOutOpt = 0,
     importance: Annotated[bool, typer.Option("--importance", help="rank every block and sublayer by each metric and "
                                              "by the measured loss of removing it (--save: a .csv)")] = False,
+    run: Annotated[str | None, typer.Option(help="with --importance: a complete profile run of this model that gets "
+                                                 "the measured ranking (its report shows it)")] = None,
     list_methods: Annotated[bool, typer.Option("--list-methods", help="list the methods and exit")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -414,7 +419,7 @@ def layers_cmd(
       actlab layers --method shortgpt --budget 0.25 --save short25.json
       actlab layers --method joint --budget 0.25 --eval wikitext2:test --windows 8 --save j25.json
       actlab layers --remove L20,L21.attn --save drop.yaml
-      actlab layers --importance --calib-windows 2
+      actlab layers --importance --calib-windows 2 --run runs/demo
       actlab layers --list-methods
     """
     if list_methods:
@@ -423,8 +428,11 @@ def layers_cmd(
     from actlab.errors import ConfigError
     from actlab.jobs.layers import importance_job, layers_job
 
+    if run is not None and not importance:
+        raise ConfigError("--run is for --importance (the profile run that gets the measured ranking)")
     if importance:
-        out = importance_job(model, calib=calib, seq_len=seq_len, calib_windows=calib_windows, save=save, log=_log)
+        out = importance_job(model, calib=calib, seq_len=seq_len, calib_windows=calib_windows, save=save, run=run,
+                             log=_log)
         _emit(out, as_json, _importance_text(out))
         return
 
@@ -456,6 +464,8 @@ def _importance_text(out: dict) -> str:
             f"{r['part']} {r['delta_loss']:+.3f} ({r['influence']:.3f})" for r in rows[:8]))
     lines.append("Spearman with the measured Δ loss: " + ", ".join(
         f"{name} {rho:+.2f}" for name, rho in out["spearman_with_measured"].items()))
+    if out.get("report"):
+        lines.append(f"report: {out['report']}")
     return "\n".join(lines)
 
 
@@ -659,7 +669,15 @@ def bench_decode_cmd(
         f"  engine recipe {out['sparse_tok_s']:7.2f} tok/s  [{out['sparse_e2e_tok_s']:.2f}]  "
         f"({out['sparse_over_dense']:.2f}x dense, {out['sparse_over_hf']:.2f}x HF)",
         f"  the fewer weight bytes read allow at most {out['ceiling']:.2f}x dense ({out['ceiling_fp32_head']:.2f}x "
-        "with a float32 LM head)"]))
+        "with a float32 LM head)", *_prefill_lines(out)]))
+
+
+def _prefill_lines(out: dict) -> list[str]:
+    """The HF prefill time of a recipe that removes layers (the others change nothing HF computes)."""
+    head = f"  HF prefill of {out['prefill_tokens']} tokens: dense {out['dense_prefill_s'] * 1e3:.0f} ms"
+    if "prefill_s" in out:
+        return [f"{head}, layers removed {out['prefill_s'] * 1e3:.0f} ms ({out['prefill_speedup']:.2f}x)"]
+    return [f"{head}; {out['prefill_error']}" if "prefill_error" in out else head]
 
 
 steer_app = typer.Typer(add_completion=False, no_args_is_help=True,

@@ -314,3 +314,62 @@ def test_importance_table_ranks_every_part_and_measures_agreement(lm, calib):
     blocks = table[table["kind"] == "block"]
     assert agreement["block: influence"] == pytest.approx(spearman(blocks["influence"], blocks["delta_loss"]))
     assert set(agreement) == {"block: influence", "block: angular distance", "attn: influence", "mlp: influence"}
+
+
+@pytest.mark.parametrize("method", ["sleb", "joint"])
+def test_a_greedy_recipe_for_a_smaller_budget_is_a_prefix_of_a_larger_one(lm, calib, method):
+    """The prefix taken from a recipe for 0.6 equals calibrating for the smaller budget directly (same parts,
+    repairs and losses), and a method that is not greedy, a larger budget or another method's recipe is refused."""
+    chosen = get_method(method, **({"rank": 4} if method == "joint" else {}))
+    large = chosen.calibrate(calib, 0.6)
+    for target in (0.0, 0.2, 0.4):
+        direct = chosen.calibrate(calib, target)
+        cut = chosen.prefix(large, lm.adapter, target)
+        assert cut.drop == direct.drop and cut.target == target
+        assert set(cut.repair) == set(direct.repair)
+        for part in cut.repair:
+            for name, tensor in cut.repair[part].items():
+                torch.testing.assert_close(tensor, direct.repair[part][name])
+        assert cut.calibration["steps"] == direct.calibration["steps"]
+        assert cut.calibration["removed_fraction"] == pytest.approx(direct.calibration["removed_fraction"])
+        assert cut.calibration.get("loss") == pytest.approx(direct.calibration.get("loss"))
+    with pytest.raises(ConfigError, match="not a prefix"):
+        chosen.prefix(large, lm.adapter, 0.7)
+    with pytest.raises(ConfigError, match="not greedy"):
+        get_method("shortgpt").prefix(large, lm.adapter, 0.2)
+
+
+@pytest.mark.parametrize("name", sorted(actlab.models.tiny.TINY_CONFIGS))
+def test_the_skipping_model_computes_what_the_hooked_recipe_computes(name):
+    """Prefill is timed on a copy of the model whose removed sublayers are replaced by their repairs (and removed
+    blocks taken out): its logits equal the hooked recipe's, with and without repairs, and a repaired block stays
+    as x + g(x)."""
+    from actlab.transforms.layers.skip import Skipped, skipping_model
+
+    lm = actlab.load_model(name)
+    g = torch.Generator().manual_seed(5)
+    d = lm.adapter.hidden_size
+
+    def rep():
+        return fit_repair(torch.randn(128, d, generator=g), 0.5 * torch.randn(128, d, generator=g) + 0.3, "linear",
+                          rank=3)
+    n = lm.adapter.num_layers
+    ids = torch.randint(5, 200, (1, 24), generator=g)
+    for parts, repaired in (([f"L{n - 1}", "L0.attn"], ["L0.attn"]), ([f"L{n - 1}", "L0.mlp"], [f"L{n - 1}", "L0.mlp"]),
+                            (["L0.attn", f"L{n - 1}.mlp"], [])):
+        recipe = LayerRecipe("manual", lm.identity.to_dict(), parts, repair={p: rep() for p in repaired})
+        if name == "tiny-opt" and any(p.endswith(".mlp") for p in parts):  # fc1 / fc2 sit in the block itself
+            with pytest.raises(ConfigError, match="no module for"):
+                skipping_model(lm, recipe)
+            continue
+        model = skipping_model(lm, recipe)
+        skipped = [m for m in model.modules() if isinstance(m, Skipped)]
+        assert len(skipped) == len(recipe.sublayers()) + (f"L{n - 1}" in repaired)
+        with torch.no_grad(), attach(lm, recipe):
+            hooked = lm.model(input_ids=ids, use_cache=False).logits
+        with torch.no_grad():
+            fast = model(input_ids=ids, use_cache=False).logits
+        torch.testing.assert_close(fast, hooked, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        plain = lm.model(input_ids=ids, use_cache=False).logits
+    assert not torch.allclose(fast, plain, atol=1e-3)  # the model itself is untouched, and different

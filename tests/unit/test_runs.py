@@ -203,6 +203,7 @@ def test_merge_of_two_corpora_equals_one_pass(tmp_path, tiny_llama):
         w = make_windows(tiny_llama.tokenizer, load_corpus(str(path)), WindowSpec(seq_len=64, num_windows=4,
                                                                                   bos="every"))
         ref.observe(w, first_window_index=offset, progress=False)
+    ref.run_probes()  # head roles: measured once per run on constructed probes, kept once by a merge
     merged_state = _state(tmp_path / "AB")[0]
     ref_state = ref.state()
     for k in ref_state:

@@ -15,6 +15,7 @@ import actlab
 from actlab.data import WindowSpec, load_corpus, make_windows
 from actlab.probe import Probe, Profiler, all_sites
 from actlab.probe.attention import sampled_queries
+from actlab.probe.stats.base import TableContext
 from actlab.probe.stats.distribution import ActivationDistribution, as_channels, batch_fields
 from actlab.probe.stats.histogram import _EDGES, NUM_BINS, bin_index, fraction_below, quantile
 from actlab.probe.stats.logit_lens import lens_positions
@@ -295,3 +296,32 @@ def test_expert_routing_against_the_router_recomputed(name):
         np.testing.assert_allclose(got["first_choice"], first.numpy(), rtol=1e-12)
         np.testing.assert_allclose(got["mean_weight"], (w.sum(0) / chosen.sum(0)).numpy(), rtol=1e-5)
         np.testing.assert_allclose(got["load"], chosen.mean(0).numpy() * moe.num_experts / moe.top_k, rtol=1e-12)
+
+
+def test_sink_local_and_streaming_mass(run):
+    """Mass on the first four tokens, on a recent window and on both, against the recorded attention rows."""
+    from actlab.probe.stats.attention_heads import SINK_TOKENS, AttentionHeads
+
+    lm, windows, acts, _ = run
+    ad, window = lm.adapter, 8
+    stat = AttentionHeads(ad.num_heads, ad.num_kv_heads, ad.vocab_size, query_stride=STRIDE, recent_window=window)
+    Profiler(lm, statistics=[stat], query_stride=STRIDE).observe(windows, progress=False)
+    heads = stat.tables(TableContext(decode=str))["heads"]
+    rows = sampled_queries(SEQ, STRIDE)
+    rows = rows[rows > 0]
+    for layer in range(ad.num_layers):
+        probs = acts[f"L{layer}.attn_probs"][:, :, rows]  # [W, H, rows, T]
+        sees_first = probs[..., 0] > 0
+        sink = (probs[..., :SINK_TOKENS].sum(-1) * sees_first).sum(dim=(0, 2)) / sees_first.sum(dim=(0, 2))
+        local, stream, n = torch.zeros(ad.num_heads), torch.zeros(ad.num_heads), 0
+        for r, p in enumerate(rows.tolist()):
+            if p < SINK_TOKENS + window:
+                continue
+            recent = probs[:, :, r, p - window + 1:p + 1].sum(-1)  # [W, H]
+            local += recent.sum(0)
+            stream += (recent + probs[:, :, r, :SINK_TOKENS].sum(-1)).sum(0)
+            n += WINDOWS
+        got = heads[heads["layer"] == layer].sort_values("head")
+        np.testing.assert_allclose(got["sink_mass"], sink.numpy(), rtol=1e-5)
+        np.testing.assert_allclose(got["local_mass"], (local / n).numpy(), rtol=1e-5)
+        np.testing.assert_allclose(got["streaming_mass"], (stream / n).numpy(), rtol=1e-5)

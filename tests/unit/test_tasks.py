@@ -228,6 +228,12 @@ def test_speed_column_per_recipe(tiny_llama, tmp_path):
     dropped = decode_speed(tiny_llama, LayerRecipe("m", tiny_llama.identity.to_dict(), ["L1"]), log=lambda *a: None,
                            tokens=8, reps=1)
     assert dense["decode_tok_s"] > 0 and dropped["engine_mb"] < dense["engine_mb"]
+    # prefill: HF with the removed block skipped (the dense time is reused where given); others: dense only
+    assert dense["dense_prefill_s"] > 0 and "prefill_s" not in dense and dropped["prefill_s"] > 0
+    assert dropped["prefill_speedup"] == pytest.approx(dropped["dense_prefill_s"] / dropped["prefill_s"])
+    again = decode_speed(tiny_llama, LayerRecipe("m", tiny_llama.identity.to_dict(), ["L0.attn"]), tokens=8, reps=1,
+                         log=lambda *a: None, dense_prefill_s=0.5)
+    assert again["dense_prefill_s"] == 0.5 and again["prefill_s"] > 0
     push = InterventionRecipe("m", tiny_llama.identity.to_dict(), [SiteEdit("L0.resid_out", "zero")])
     assert decode_speed(tiny_llama, push, log=lambda *a: None, tokens=8, reps=1)["decode_tok_s"] > 0
     heads = InterventionRecipe("m", tiny_llama.identity.to_dict(), [SiteEdit("L0.o_in", "zero", heads=[0])])

@@ -68,8 +68,10 @@ def eval_job(model: str, recipes: list[str], tasks: str = DEFAULT_TASKS, limit: 
     result = evaluate(lm, specs, columns, limit=limit, progress=progress, log=log,
                       on_result=checkpoint.save if checkpoint else None, world=world)
     if speed and world.main:
+        dense_prefill = None
         for col in columns:
-            col.speed = decode_speed(lm, col.recipe, log)
+            col.speed = decode_speed(lm, col.recipe, log, dense_prefill_s=dense_prefill)
+            dense_prefill = col.speed.get("dense_prefill_s", dense_prefill)
     if target is not None and world.main:
         from actlab.report.compare import write_comparison
 
@@ -77,25 +79,29 @@ def eval_job(model: str, recipes: list[str], tasks: str = DEFAULT_TASKS, limit: 
     return result
 
 
-def decode_speed(lm: Any, recipe: Any, log: Callable[[str], None], tokens: int = 64, reps: int = 3) -> dict[str, Any]:
-    """Decode tokens/s (median) and memory of the engine under `recipe`, or why the engine cannot run it."""
+def decode_speed(lm: Any, recipe: Any, log: Callable[[str], None], tokens: int = 64, reps: int = 3,
+                 dense_prefill_s: float | None = None) -> dict[str, Any]:
+    """Decode tokens/s (median) and memory of the engine under `recipe`, or why the engine cannot run it; and the
+    HF prefill time with the recipe's removed layers skipped (jobs.bench.prefill_speed)."""
     import resource
     import statistics
 
     from actlab.engine import DecodeEngine
     from actlab.engine.reference import prompt_ids
+    from actlab.jobs.bench import prefill_speed
 
+    prefill = prefill_speed(lm, recipe, reps=reps, dense_s=dense_prefill_s)
     ids = prompt_ids(lm)
     try:
         engine = DecodeEngine(lm, recipe, max_len=len(ids) + tokens + 1)
     except ConfigError as exc:
         log(f"speed: {exc}")
-        return {"error": str(exc)}
+        return {"error": str(exc), **prefill}
     engine.generate(ids, tokens)  # warm-up
     rates = [engine.generate(ids, tokens).decode_tok_s for _ in range(reps)]
     return {"decode_tok_s": statistics.median(rates), "tokens": tokens, "reps": reps,
             "engine_mb": engine.memory_bytes() / 1e6,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **prefill}
 
 
 def _output_dir(out: str) -> Path:

@@ -4,6 +4,7 @@ say what it costs (calibration loss, the spine's cost line, optionally held-out 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from actlab.errors import ConfigError
@@ -56,19 +57,26 @@ def layers_job(model: str, *, save: str, remove: str | None = None, method: str 
 
 
 def importance_job(model: str, *, calib: str | None = None, seq_len: int = 1024, calib_windows: int = 4,
-                   save: str | None = None, log: Callable[[str], None] = print,
+                   save: str | None = None, run: str | None = None, log: Callable[[str], None] = print,
                    progress: bool = True) -> dict[str, Any]:
     """Every block and sublayer ranked by the cheap metrics and by the measured loss of removing it; how well the
-    cheap ones predict the measured one. `save`: the table as CSV."""
+    cheap ones predict the measured one. `save`: the table as CSV; `run`: a complete profile run of the same model
+    that gets the table (its report's layer-importance section then shows the measured ranking)."""
     from actlab.fsutil import atomic_write_text
+    from actlab.jobs.profile import add_tables, run_of_model
+    from actlab.report.rundir import RunDirectory
     from actlab.transforms.layers.importance import importance_table
 
     if save is not None and not save.endswith(".csv"):
         raise ConfigError(f"--save {save}: the importance table is written as .csv")
+    if run is not None and not RunDirectory(Path(run).expanduser()).exists():
+        raise ConfigError(f"--run {run}: no actlab run there (actlab profile --out {run} makes one)")
     lm = setup.model(model, log)
+    target = run_of_model(run, lm, "actlab layers --importance") if run else None  # before the long part
     data = setup.calibration(lm, calib, seq_len, calib_windows)
     table, agreement = importance_table(data, progress=progress)
     if save:
         atomic_write_text(save, table.to_csv(index=False))
+    report = str(add_tables(target, {"importance": table})) if target else None
     return {"model": lm.name, "calib_data": data.corpus.get("name"), "tokens": int(data.windows.numel()),
-            "parts": table.to_dict("records"), "spearman_with_measured": agreement, "path": save}
+            "parts": table.to_dict("records"), "spearman_with_measured": agreement, "path": save, "report": report}

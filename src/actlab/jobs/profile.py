@@ -280,6 +280,8 @@ def finish(run: RunDirectory, profiler: Profiler, manifest: dict[str, Any]) -> N
     from actlab.analyze.neurons import neuron_tokens
     from actlab.report.html import render_report
 
+    if profiler.run_probes():  # head roles, once per run: kept in the state so that merges and resumes have them
+        run.save_state(profiler.state(), profiler.windows_seen, profiler.tokens_seen)
     tables = profiler.tables()
     if "neurons" in tables:  # which neurons fire comes from the run; what they write, from the weights
         tables["neuron_tokens"] = neuron_tokens(profiler.lm, tables["neurons"])
@@ -301,6 +303,24 @@ def rerender(path: str | Path) -> Path:
     tables = {p.stem: run.read_table(p.stem) for p in sorted((run.path / TABLES).glob("*.parquet"))}
     run.write_report(render_report(manifest, tables))
     return run.path / "report.html"
+
+
+def run_of_model(path: str | Path, lm: LoadedModel, what: str) -> RunDirectory:
+    """A complete run profiled with `lm`, which `what` (a command) is about to add tables to."""
+    run = RunDirectory(Path(path).expanduser())
+    if not run.exists():
+        raise RunDirectoryError(f"--run {path}: no actlab run there (actlab profile --out {path} makes one)")
+    manifest = run.manifest()
+    if manifest["status"] != "complete":
+        raise RunDirectoryError(f"--run {path} is {manifest['status']}: resume it first (actlab profile --resume)")
+    _require_identity(lm, _stored_model(manifest)[1], f"--run {path}", f"{what} must use the run's model")
+    return run
+
+
+def add_tables(run: RunDirectory, tables: dict[str, Any]) -> Path:
+    """Add tables computed elsewhere to a complete run and re-render its report with them."""
+    run.write_tables(tables)
+    return rerender(run.path)
 
 
 def merge(paths: list[str | Path], out: str | Path, log: Callable[[str], None] = print) -> RunDirectory:

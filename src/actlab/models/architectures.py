@@ -188,6 +188,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         gate="mlp.c_fc",
         down="mlp.c_proj",
         act="mlp.act",
+        mlp="mlp",
         attn_norm="ln_1",
         mlp_norm="ln_2",
         transposed_weights=True,

@@ -15,9 +15,11 @@ from actlab.probe.hooks import Probe
 from actlab.probe.sites import Site, select_sites
 from actlab.probe.stats.attention_heads import AttentionHeads
 from actlab.probe.stats.base import BatchInfo, Statistic, TableContext
+from actlab.probe.stats.depth import AngularDistance
 from actlab.probe.stats.distribution import ActivationDistribution
 from actlab.probe.stats.experts import ExpertRouting
 from actlab.probe.stats.frequency import NeuronFrequency
+from actlab.probe.stats.head_roles import HeadRoles
 from actlab.probe.stats.layers import LayerRedundancy
 from actlab.probe.stats.logit_lens import LogitLens
 from actlab.probe.stats.massive import MassiveActivations
@@ -36,6 +38,8 @@ def default_statistics(lm: LoadedModel, query_stride: int = DEFAULT_QUERY_STRIDE
         MassiveActivations(),
         AttentionHeads(ad.num_heads, ad.num_kv_heads, ad.vocab_size, query_stride=query_stride),
         LayerRedundancy(),
+        AngularDistance(),
+        HeadRoles(ad.num_heads),
         LogitLens(ad, position_stride=lens_stride),
         *([ExpertRouting()] if ad.moe_layers else []),
     ]
@@ -100,6 +104,18 @@ class Profiler:
             self._batch = None
         self.windows_seen += len(ids)
         self.tokens_seen += ids.numel()
+
+    def run_probes(self) -> bool:
+        """Statistics measured on constructed inputs (head roles) rather than the corpus: run them once, where
+        the profile reads attention and they have no scores yet. True if anything ran."""
+        if not any(s.kind == "attn_probs" for s in self.sites):
+            return False
+        ran = False
+        for stat in self.statistics:
+            if isinstance(stat, HeadRoles) and not stat.measured():
+                stat.run_probes(self.lm)
+                ran = True
+        return ran
 
     # -- state -----------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:

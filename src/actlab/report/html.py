@@ -10,10 +10,13 @@ import jinja2
 import pandas as pd
 
 from actlab.analyze.findings import findings, layer_summary, next_steps
+from actlab.analyze.head_roles import heads_by_role
+from actlab.analyze.importance import MEASURED, agreement, part_metrics, rankings
 from actlab.report.plots import FIGURES, missing
 
 MASSIVE_ROWS = 20
 SINK_ROWS = 10
+ROLE_HEADS = 24  # heads listed per role in the report
 
 
 def _environment() -> jinja2.Environment:
@@ -72,6 +75,7 @@ def render_report(manifest: dict[str, Any], tables: dict[str, pd.DataFrame]) -> 
     massive_rows = massive_events(top)
     sinks = tables.get("sink_tokens", pd.DataFrame())
     protocol = manifest.get("protocol", {})
+    parts = part_metrics(tables)
     return _environment().get_template("report.html").render(
         model=manifest["model"]["name"],
         data=corpora(manifest),
@@ -90,6 +94,11 @@ def render_report(manifest: dict[str, Any], tables: dict[str, pd.DataFrame]) -> 
         figures=figures,
         massive_rows=massive_rows,
         sink_rows=sinks.head(SINK_ROWS).to_dict("records") if len(sinks) else [],
+        role_rows=heads_by_role(tables, first=ROLE_HEADS),
+        importance_rows=rankings(parts) if len(parts) else [],
+        importance_agreement=agreement(parts).to_dict("records") if len(parts) else [],
+        importance_measured=MEASURED in parts,
+        importance_command=f"actlab layers --model {manifest['model']['name']} --importance --run RUN",
         neuron_token_rows=tables.get("neuron_tokens", pd.DataFrame()).to_dict("records"),
         manifest_json=json.dumps({k: v for k, v in manifest.items() if k not in ("sites", "statistics")}, indent=2,
                                  default=str),

@@ -139,6 +139,25 @@ def attention_sinks(t: dict[str, pd.DataFrame]) -> bytes:
     return _png(fig)
 
 
+def head_roles(t: dict[str, pd.DataFrame]) -> bytes:
+    """One layer x head heatmap per role, each on a fixed 0-1 scale (two models compare by eye)."""
+    from actlab.analyze.head_roles import ROLES, role_scores
+
+    scores = role_scores(t)
+    roles = [r for r in ROLES if r in scores]
+    layers = scores["layer"].nunique()
+    fig, axes = plt.subplots(1, len(roles), figsize=(3.6 * len(roles), max(3.0, 0.2 * layers + 1.4)), squeeze=False,
+                             layout="constrained")
+    for ax, role in zip(axes[0], roles):
+        grid = scores.pivot(index="layer", columns="head", values=role)
+        im = ax.imshow(grid.to_numpy(dtype=float), aspect="auto", cmap="magma", origin="lower", vmin=0, vmax=1)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{role}: {ROLES[role][1].replace('_', ' ')}", fontsize=9)
+    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.02)
+    return _png(fig)
+
+
 def layer_redundancy(t: dict[str, pd.DataFrame]) -> bytes:
     layers = t["layers"]
     x = layers["layer"].to_numpy()
@@ -154,6 +173,48 @@ def layer_redundancy(t: dict[str, pd.DataFrame]) -> bytes:
     ax.set_ylabel("1 - cosine (log)")
     ax.set_title("layer and sublayer redundancy (lower = more redundant)")
     ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def layer_importance(t: dict[str, pd.DataFrame]) -> bytes:
+    """Gromov's angular distance between depths l and l+n (the cheapest span of n blocks is the lowest cell of
+    row n), and where the run holds measured losses, each cheap metric against the measured loss increase."""
+    from actlab.analyze.importance import CHEAP, KIND_NAMES, MEASURED, agreement, metric_columns, part_metrics
+
+    angular = t["angular_distance"]
+    parts = part_metrics(t)
+    rho = agreement(parts)
+    pairs = [(kind, metric) for kind in CHEAP for metric in metric_columns(parts, kind) if metric != MEASURED
+             and MEASURED in metric_columns(parts, kind)]
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
+
+    fig, axes = plt.subplots(1, 1 + len(pairs), figsize=(5.2 + 3.4 * len(pairs), 3.8), squeeze=False,
+                             layout="constrained")
+    ax = axes[0][0]
+    grid = angular.pivot(index="span", columns="start", values="angular_distance").sort_index()
+    image = ax.imshow(grid.to_numpy(dtype=float), aspect="auto", origin="lower", cmap="viridis",
+                      extent=(grid.columns.min() - 0.5, grid.columns.max() + 0.5, grid.index.min() - 0.5,
+                              grid.index.max() + 0.5))
+    fig.colorbar(image, ax=ax, label="angular distance / pi")
+    _layer_axis(ax)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("first block removed (l)")
+    ax.set_ylabel("blocks removed (n)")
+    ax.set_title("angular distance d(l, l+n)")
+    for k, (ax, (kind, metric)) in enumerate(zip(axes[0][1:], pairs)):
+        rows = parts[(parts["kind"] == kind)].dropna(subset=[metric, MEASURED])
+        ax.scatter(rows[metric], rows[MEASURED], s=18)
+        for layer, x, y in zip(rows["layer"], rows[metric], rows[MEASURED]):
+            ax.annotate(str(layer), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        value = rho[(rho["kind"] == kind) & (rho["metric"] == metric) & (rho["against"] == MEASURED)]["spearman"]
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
+        ax.set_xlabel(f"{metric} (log)")
+        if k == 0:
+            ax.set_ylabel("measured loss increase (layer numbers marked)")
+        ax.set_title(f"{KIND_NAMES[kind]}: rho {float(value.iloc[0]):.2f}" if len(value) else KIND_NAMES[kind])
+        ax.grid(alpha=0.3)
     return _png(fig)
 
 
@@ -197,7 +258,10 @@ FIGURES: dict[str, tuple[str, Callable[[dict[str, pd.DataFrame]], bytes], tuple[
     "neurons": ("MLP neuron activation frequency", neuron_frequency, ("neurons",)),
     "massive": ("Massive activations", massive_activations, ("layers.resid_max_abs", "layers.resid_median_abs")),
     "sinks": ("Attention sinks and entropy (layer x head)", attention_sinks, ("heads",)),
+    "roles": ("Head roles (layer x head): sink, streaming, retrieval, induction", head_roles, ("heads",)),
     "redundancy": ("Layer redundancy", layer_redundancy, ("layers.block_influence",)),
+    "importance": ("Layer importance: angular distance and measured cost", layer_importance,
+                   ("angular_distance.angular_distance",)),
     "lens": ("Logit lens and depth profile", logit_lens, ("layers.hidden_rms", "layers.delta_ratio_mean")),
 }
 

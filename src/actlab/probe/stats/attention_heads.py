@@ -9,7 +9,12 @@ Per head h of layer i, over sampled query rows at positions p > 0:
   `sink_threshold` (counted per window; their tokens are tallied);
 - value drain: mean value-vector norm at position 0 and at later sinks vs. the other positions
   (sinks tend to carry tiny values: attention is "parked" there, Gu et al. 2024);
-- residual peak: norm of the block's output at position 0 / at later sinks vs. the median position.
+- residual peak: norm of the block's output at position 0 / at later sinks vs. the median position;
+- sink_mass: mass on the first SINK_TOKENS positions (over the queries that can see position 0);
+- local_mass: mass on the RECENT_WINDOW most recent keys (the query's own included), and streaming_mass: on
+  those and the first SINK_TOKENS together, over queries at p >= SINK_TOKENS + RECENT_WINDOW (the two never
+  overlap): what a StreamingLLM cache of sinks + window keeps of this head's attention (DuoAttention's
+  streaming heads have it near 1).
 """
 
 from __future__ import annotations
@@ -22,17 +27,21 @@ from actlab.probe.sites import Site
 from actlab.probe.stats.base import BatchInfo, Statistic, TableContext
 
 MIN_VISIBLE_ROWS = 4
+SINK_TOKENS = 4  # StreamingLLM keeps four initial tokens
+RECENT_WINDOW = 64
 
 
 class AttentionHeads(Statistic):
     name = "attention"
     rules = {f: "sum" for f in ("rows", "windows", "first_rows", "first_mass", "entropy", "sink_count", "vnorm_first",
                                 "vnorm_rest", "vnorm_sink", "resid_first", "resid_median_rest", "resid_sink",
-                                "resid_sink_count", "resid_windows", "sink_tokens")}
+                                "resid_sink_count", "resid_windows", "sink_tokens", "sinks_mass", "local_rows",
+                                "local_mass", "streaming_mass")}
 
     def __init__(self, num_heads: int, num_kv_heads: int, vocab_size: int, query_stride: int = 1,
-                 sink_threshold: float = 0.3):
+                 sink_threshold: float = 0.3, recent_window: int = RECENT_WINDOW):
         super().__init__()
+        self.recent_window = recent_window
         self.num_heads, self.num_kv_heads, self.vocab_size = num_heads, num_kv_heads, vocab_size
         self.query_stride = query_stride
         self.sink_threshold = sink_threshold
@@ -41,7 +50,8 @@ class AttentionHeads(Statistic):
 
     def settings(self):
         return {"num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads, "vocab_size": self.vocab_size,
-                "query_stride": self.query_stride, "sink_threshold": self.sink_threshold}
+                "query_stride": self.query_stride, "sink_threshold": self.sink_threshold,
+                **({"recent_window": self.recent_window} if self.recent_window != RECENT_WINDOW else {})}
 
     def accepts(self, site: Site) -> bool:
         return site.kind in ("v", "attn_probs", "resid_out")
@@ -52,7 +62,8 @@ class AttentionHeads(Statistic):
                   "first_mass": (h,), "entropy": (h,), "sink_count": (h,),
                   "sink_tokens": (self.vocab_size,), "vnorm_first": (kv,), "vnorm_rest": (kv,), "vnorm_sink": (h,),
                   "resid_windows": (1,), "resid_first": (1,), "resid_median_rest": (1,), "resid_sink": (1,),
-                  "resid_sink_count": (1,)}
+                  "resid_sink_count": (1,), "sinks_mass": (h,), "local_rows": (1,), "local_mass": (h,),
+                  "streaming_mass": (h,)}
         for layer in sorted({s.layer for s in sites if self.accepts(s)}):
             self.acc.setdefault(f"L{layer}", self.empty_fields({k: (v, f64, 0.0) for k, v in shapes.items()}))
 
@@ -80,6 +91,8 @@ class AttentionHeads(Statistic):
             "first_rows": (probs[..., 0] > 0).double().sum(dim=(0, 2)),  # queries the window lets see position 0
             "first_mass": probs[..., 0].double().sum(dim=(0, 2)),
             "entropy": -torch.special.xlogy(probs, probs).sum(-1).double().sum(dim=(0, 2)),
+            "sinks_mass": probs[..., :SINK_TOKENS].sum(-1).double().sum(dim=(0, 2)),
+            **_local_fields(probs, pos[pos > 0], self.recent_window),
         }
         visible = (probs > 0).sum(dim=2)  # [B, H, T]: sampled queries that can see each key
         received = probs.sum(dim=2) / visible.clamp_min(1)
@@ -122,8 +135,11 @@ class AttentionHeads(Statistic):
                 first = f["vnorm_first"][kv] / f["windows"] if "vnorm_first" in f else nan
                 sink_v = f["vnorm_sink"] / f["sink_count"].clamp_min(1) if "vnorm_sink" in f else nan
                 first_rows = f["first_rows"] if "first_rows" in f else f["rows"].expand(self.num_heads)  # older runs
+                local_rows = f["local_rows"] if "local_rows" in f else torch.zeros(1, dtype=torch.float64)
                 for h in range(self.num_heads):
                     has_sinks = f["sink_count"][h] > 0
+                    local = (lambda name: float(f[name][h] / local_rows) if float(local_rows) > 0  # noqa: E731
+                             else float("nan"))
                     heads.append({
                         "layer": layer, "head": h,
                         "first_token_mass": float(f["first_mass"][h] / first_rows[h].clamp_min(1)),
@@ -133,6 +149,9 @@ class AttentionHeads(Statistic):
                         "value_norm_rest": float(rest[h]),
                         "value_norm_first_ratio": float(first[h] / rest[h]),
                         "value_norm_sink_ratio": float(sink_v[h] / rest[h]) if has_sinks else float("nan"),
+                        "sink_mass": float(f["sinks_mass"][h] / first_rows[h].clamp_min(1)) if "sinks_mass" in f
+                        else float("nan"),
+                        "local_mass": local("local_mass"), "streaming_mass": local("streaming_mass"),
                     })
             if float(f["resid_windows"].sum()) > 0:
                 count = f.get("resid_sink_count", torch.zeros(1))
@@ -148,3 +167,17 @@ class AttentionHeads(Statistic):
         sink_tokens["token"] = [ctx.decode(int(i)) for i in sink_tokens["token_id"]]
         sink_tokens = sink_tokens.sort_values("count", ascending=False, kind="stable").reset_index(drop=True)
         return {"heads": pd.DataFrame(heads), "attention_layers": pd.DataFrame(layers), "sink_tokens": sink_tokens}
+
+
+def _local_fields(probs: torch.Tensor, pos: torch.Tensor, window: int) -> dict[str, torch.Tensor]:
+    """Mass on each query's `window` most recent keys, alone and with the first SINK_TOKENS, summed over the
+    queries at p >= SINK_TOKENS + window (probs [B, H, rows, T], pos the rows' positions)."""
+    far = pos >= SINK_TOKENS + window
+    keys = torch.arange(probs.shape[-1], device=probs.device)
+    p = pos[far].to(probs.device)[:, None]
+    recent = (keys[None] > p - window) & (keys[None] <= p)  # [rows, T]
+    rows = probs[:, :, far]
+    local = (rows * recent).sum(-1).double()  # [B, H, rows]
+    stream = local + rows[..., :SINK_TOKENS].sum(-1).double()
+    return {"local_rows": torch.tensor([float(rows.shape[0] * rows.shape[2])], dtype=torch.float64),
+            "local_mass": local.sum(dim=(0, 2)), "streaming_mass": stream.sum(dim=(0, 2))}

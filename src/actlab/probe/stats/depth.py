@@ -41,13 +41,10 @@ class AngularDistance(Statistic):
                                                     "distance": ((depths, depths), torch.float64, 0.0)}))
 
     def update(self, site: Site, x: torch.Tensor, batch: BatchInfo) -> None:
-        if site.kind == "resid_in":
-            depth = site.layer
-        elif site.layer == self._last:
-            depth = site.layer + 1
-        else:
-            return  # resid_out of block l is resid_in of block l+1
-        self._states[depth] = F.normalize(x.reshape(-1, x.shape[-1]).float(), dim=-1)
+        # resid_out of block l is resid_in of block l+1 (a profile of every site hooks only one of the two)
+        depth = site.layer if site.kind == "resid_in" else site.layer + 1
+        if depth not in self._states:
+            self._states[depth] = F.normalize(x.reshape(-1, x.shape[-1]).float(), dim=-1)
 
     def finish_batch(self, batch: BatchInfo) -> None:
         depths = self._last + 2

@@ -41,6 +41,7 @@ class Joint(LayerMethod):
     paper = "actlab (greedy sublayer selection by measured loss per parameter, closed-form repair)"
     removes = "attention and MLP sublayers (with repairs)"
     measures_loss = True
+    greedy = True
 
     def __init__(self, repair: str = "linear", rank: int = 32, ridge: float = 1e-2):
         if repair not in KINDS:

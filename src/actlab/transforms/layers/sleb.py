@@ -16,6 +16,7 @@ class SLEB(LayerMethod):
     paper = "Song et al. 2024, SLEB (arXiv:2402.09025)"
     removes = "blocks"
     measures_loss = True
+    greedy = True
 
     def calibrate(self, calib: Any, target: float):
         adapter = calib.lm.adapter
@@ -30,5 +31,6 @@ class SLEB(LayerMethod):
                                     description=f"sleb step {len(drop) + 1}")
             part = min(losses, key=lambda p: (losses[p], p))
             drop.append(part)
-            steps.append({"removed": part, "loss": losses[part]})
-        return self.recipe(calib, target, drop, {"dense_loss": base, "steps": steps})
+            steps.append({"removed": part, "loss": losses[part], "saved": removed_fraction(adapter, drop)})
+        return self.recipe(calib, target, drop, {"dense_loss": base, "loss": steps[-1]["loss"] if steps else base,
+                                                 "steps": steps})
