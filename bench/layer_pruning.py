@@ -3,7 +3,7 @@ with decode speed (the engine) and prefill speed (the HF model with the removed 
 
     python bench/layer_pruning.py [--models smollm2-135m] [--methods shortgpt,gromov,sleb,attn-drop,mlp-drop,joint]
                                   [--fractions 0.125,0.25,0.375] [--tasks wikitext2,arc_easy,...] [--limit 500]
-                                  [--calib-windows 4] [--speed]
+                                  [--ppl-limit 40] [--calib-windows 4] [--speed]
 
 Recipes are calibrated once into bench/.work/layers/ and reused; the evaluation of each model is one resumable
 `actlab eval --out` directory (bench/.work/layers/eval-MODEL), so an interrupted run continues where it stopped.
@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / ".work" / "layers"
 TASKS = "wikitext2,lambada,arc_easy,arc_challenge,piqa,hellaswag"
+PERPLEXITY_TASKS = ("wikitext2",)
 
 
 def calibrate(lm, method: str, fractions: list[float], calib_windows: int,
@@ -66,7 +67,8 @@ def main() -> None:
     ap.add_argument("--methods", default="shortgpt,gromov,sleb,attn-drop,mlp-drop,joint")
     ap.add_argument("--fractions", default="0.125,0.25,0.375")
     ap.add_argument("--tasks", default=TASKS)
-    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--limit", type=int, default=None, help="items per choice task")
+    ap.add_argument("--ppl-limit", type=int, default=None, help="windows of the perplexity tasks (default --limit)")
     ap.add_argument("--calib-windows", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--speed", action="store_true", help="decode (engine) and prefill (HF) speed per recipe")
@@ -91,21 +93,30 @@ def main() -> None:
                     print(notes[-1], file=sys.stderr)
                 else:
                     recipes[(method, fraction)] = path
-        result = eval_job(model, [str(p) for p in recipes.values()], tasks=args.tasks, limit=args.limit,
-                          out=str(WORK / f"eval-{model}"), speed=args.speed, log=lambda m: print(m, file=sys.stderr))
-        dense = result.columns[0]
-        for (method, fraction), col in zip(recipes, result.columns[1:]):
+        # perplexity and choice tasks in two evaluations: a window of WikiText-2 costs what ~20 choice items do
+        tasks = args.tasks.split(",")
+        ppl = [t for t in tasks if t in PERPLEXITY_TASKS]
+        parts = [(name, ",".join(group), limit) for name, group, limit in (
+            ("ppl", ppl, args.ppl_limit or args.limit), ("tasks", [t for t in tasks if t not in ppl], args.limit))
+            if group]
+        results = [eval_job(model, [str(p) for p in recipes.values()], tasks=group, limit=limit,
+                            out=str(WORK / f"eval-{model}-{name}-{limit}"), speed=args.speed and k == 0,
+                            log=lambda m: print(m, file=sys.stderr)) for k, (name, group, limit) in enumerate(parts)]
+        dense = results[0].columns[0]
+        for k, (method, fraction) in enumerate(recipes):
+            col = results[0].columns[k + 1]
             recipe = load_recipe(str(recipes[(method, fraction)]))
             row = {"model": model, "method": method, "target": fraction, "drop": recipe.drop,
                    "removed_fraction": removed_fraction(lm.adapter, recipe.drop),
                    "calib_seconds": recipe.calibration.get("seconds")}
-            for task, res in col.results.items():
-                for metric, (value, stderr) in res.metrics.items():
-                    d, d_se = result.difference(col, task, metric)
-                    row[f"{task}/{metric}"] = value
-                    row[f"{task}/{metric}/se"] = stderr
-                    row[f"{task}/{metric}/delta"] = d
-                    row[f"{task}/{metric}/delta_se"] = d_se
+            for result in results:
+                for task, res in result.columns[k + 1].results.items():
+                    for metric, (value, stderr) in res.metrics.items():
+                        d, d_se = result.difference(result.columns[k + 1], task, metric)
+                        row[f"{task}/{metric}"] = value
+                        row[f"{task}/{metric}/se"] = stderr
+                        row[f"{task}/{metric}/delta"] = d
+                        row[f"{task}/{metric}/delta_se"] = d_se
             if args.speed and col.speed and "decode_tok_s" in col.speed and dense.speed:
                 row["decode_speedup"] = col.speed["decode_tok_s"] / dense.speed["decode_tok_s"]
                 row["prefill_speedup"] = col.speed.get("prefill_speedup")  # HF, the removed parts skipped
