@@ -35,7 +35,10 @@ def _tables():
     sparsity = pd.DataFrame({"site": [f"L{i}.down_in" for i in range(n)], "layer": range(n), "kind": "down_in",
                              "eps": 0.01, "fraction_below": [0.40 + 0.01 * i for i in range(n)]})
     heads = pd.DataFrame({"layer": [0, 0, 1, 5], "head": [0, 1, 0, 2], "first_token_mass": [0.9, 0.1, 0.7, 0.2]})
-    return {"layers": layers, "sparsity": sparsity, "heads": heads}
+    heads["streaming_mass"] = [0.95, 0.5, 0.97, 0.2]
+    roles = pd.DataFrame({"layer": [0, 0, 1, 5], "head": [0, 1, 0, 2], "induction_score": 0.0,
+                          "retrieval_score": [0.0, 0.4, 0.0, 0.2]})
+    return {"layers": layers, "sparsity": sparsity, "heads": heads, "head_roles": roles}
 
 
 def test_next_steps_are_commands_derived_from_the_numbers():
@@ -50,6 +53,8 @@ def test_next_steps_are_commands_derived_from_the_numbers():
     assert "layers 14-15" in lowest  # the two of sixteen blocks with the lowest BI
     assert any("2 heads are attention sinks" in s.text for s in steps)
     assert any("massive" in s.text for s in steps)
+    kv = next(s.text for s in steps if "retrieval heads" in s.text)
+    assert kv.startswith("2 of 4 heads copy") and "L0.H1, L5.H2" in kv and "and 2 attend" in kv
     assert next_steps({}, "m") == []
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from actlab.analyze.head_roles import heads_by_role
+
 BI_DROP = 0.02  # Block Influence under which a layer is a dropping candidate (ShortGPT)
 ATTN_REDUNDANT_COS = 0.99  # cos(x, x + attn) above which the attention sublayer barely turns the stream
 MASSIVE_FACTOR = 100.0  # max |x| over median |x| of the residual stream that counts as massive
@@ -217,6 +219,14 @@ def next_steps(tables: dict[str, pd.DataFrame], model: str) -> list[NextStep]:
         if len(sinks):
             out.append(NextStep(f"{len(sinks)} heads are attention sinks: a compressed KV cache must keep the first "
                                 "token's keys and values (StreamingLLM's sink tokens)"))
+    roles = {r["role"]: r for r in heads_by_role(tables)}
+    if "retrieval" in roles and "streaming" in roles:
+        keep = [f"L{layer}.H{head}" for layer, head in roles["retrieval"]["chosen"]]
+        shown = ", ".join(keep[:6]) + (", ..." if len(keep) > 6 else "")
+        out.append(NextStep(f"{roles['retrieval']['count']} of {roles['retrieval']['of']} heads copy from far context "
+                            f"(retrieval heads{': ' + shown if keep else ''}) and {roles['streaming']['count']} "
+                            "attend almost only to the first tokens and a recent window: a head-wise KV cache "
+                            "keeps the whole context for the first and sinks + window for the second"))
     if "resid_max_over_median" in layers and (layers["resid_max_over_median"] > MASSIVE_FACTOR).any():
         out.append(NextStep("massive activations in the residual stream: weight quantization must keep the "
                             "channels the massive-activation table names at high precision, and activation "
