@@ -1,0 +1,32 @@
+"""H2O (Zhang et al. 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative Inference"): keep the heavy
+hitters, the keys with the most attention accumulated over every query so far, and a recent window; after a
+prefill the accumulation runs over every prompt position, and half of the kept tokens are the most recent."""
+
+from __future__ import annotations
+
+import torch
+
+from actlab.errors import ConfigError
+from actlab.transforms.kv.base import ALL_QUERIES, CacheView, KVPress, window_attention
+
+
+class H2O(KVPress):
+    name = "h2o"
+    paper = "Zhang et al. 2023 (arXiv:2306.14048)"
+    window = ALL_QUERIES
+
+    def __init__(self, recent: float = 0.5):
+        if isinstance(recent, bool) or not isinstance(recent, (int, float)) or not 0 <= recent <= 1:
+            raise ConfigError(f"h2o: recent is the share of the kept tokens that are the most recent, in [0, 1]; "
+                              f"got {recent!r}")
+        self.recent = float(recent)
+
+    def params(self):
+        return {"recent": self.recent}
+
+    def score(self, view: CacheView, keep: int) -> torch.Tensor:
+        score = window_attention(view).sum(2)  # [B, KV, T]: attention accumulated over every query
+        recent = int(keep * self.recent)
+        if recent:
+            score[..., view.tokens - recent:] = float("inf")
+        return score
