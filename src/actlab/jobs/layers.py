@@ -4,7 +4,6 @@ say what it costs (calibration loss, the spine's cost line, optionally held-out 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from actlab.errors import ConfigError
@@ -63,14 +62,13 @@ def importance_job(model: str, *, calib: str | None = None, seq_len: int = 1024,
     cheap ones predict the measured one. `save`: the table as CSV; `run`: a complete profile run of the same model
     that gets the table (its report's layer-importance section then shows the measured ranking)."""
     from actlab.fsutil import atomic_write_text
-    from actlab.jobs.profile import add_tables, run_of_model
-    from actlab.report.rundir import RunDirectory
+    from actlab.jobs.profile import add_tables, complete_run, run_of_model
     from actlab.transforms.layers.importance import importance_table
 
     if save is not None and not save.endswith(".csv"):
         raise ConfigError(f"--save {save}: the importance table is written as .csv")
-    if run is not None and not RunDirectory(Path(run).expanduser()).exists():
-        raise ConfigError(f"--run {run}: no actlab run there (actlab profile --out {run} makes one)")
+    if run is not None:
+        complete_run(run)  # a missing or unfinished run fails before the model loads
     lm = setup.model(model, log)
     target = run_of_model(run, lm, "actlab layers --importance") if run else None  # before the long part
     data = setup.calibration(lm, calib, seq_len, calib_windows)

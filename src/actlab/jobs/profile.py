@@ -305,14 +305,20 @@ def rerender(path: str | Path) -> Path:
     return run.path / "report.html"
 
 
-def run_of_model(path: str | Path, lm: LoadedModel, what: str) -> RunDirectory:
-    """A complete run profiled with `lm`, which `what` (a command) is about to add tables to."""
+def complete_run(path: str | Path) -> tuple[RunDirectory, dict[str, Any]]:
+    """The complete run at --run `path` and its manifest (checked before a model is loaded)."""
     run = RunDirectory(Path(path).expanduser())
     if not run.exists():
         raise RunDirectoryError(f"--run {path}: no actlab run there (actlab profile --out {path} makes one)")
     manifest = run.manifest()
     if manifest["status"] != "complete":
         raise RunDirectoryError(f"--run {path} is {manifest['status']}: resume it first (actlab profile --resume)")
+    return run, manifest
+
+
+def run_of_model(path: str | Path, lm: LoadedModel, what: str) -> RunDirectory:
+    """A complete run profiled with `lm`, which `what` (a command) is about to add tables to."""
+    run, manifest = complete_run(path)
     _require_identity(lm, _stored_model(manifest)[1], f"--run {path}", f"{what} must use the run's model")
     return run
 

@@ -135,11 +135,10 @@ class AttentionHeads(Statistic):
                 first = f["vnorm_first"][kv] / f["windows"] if "vnorm_first" in f else nan
                 sink_v = f["vnorm_sink"] / f["sink_count"].clamp_min(1) if "vnorm_sink" in f else nan
                 first_rows = f["first_rows"] if "first_rows" in f else f["rows"].expand(self.num_heads)  # older runs
-                local_rows = f["local_rows"] if "local_rows" in f else torch.zeros(1, dtype=torch.float64)
+                local_rows = float(f["local_rows"]) if "local_rows" in f else 0.0
+                local = {name: f[name] / local_rows if local_rows else nan for name in ("local_mass", "streaming_mass")}
                 for h in range(self.num_heads):
                     has_sinks = f["sink_count"][h] > 0
-                    local = (lambda name: float(f[name][h] / local_rows) if float(local_rows) > 0  # noqa: E731
-                             else float("nan"))
                     heads.append({
                         "layer": layer, "head": h,
                         "first_token_mass": float(f["first_mass"][h] / first_rows[h].clamp_min(1)),
@@ -151,7 +150,7 @@ class AttentionHeads(Statistic):
                         "value_norm_sink_ratio": float(sink_v[h] / rest[h]) if has_sinks else float("nan"),
                         "sink_mass": float(f["sinks_mass"][h] / first_rows[h].clamp_min(1)) if "sinks_mass" in f
                         else float("nan"),
-                        "local_mass": local("local_mass"), "streaming_mass": local("streaming_mass"),
+                        **{name: float(values[h]) for name, values in local.items()},
                     })
             if float(f["resid_windows"].sum()) > 0:
                 count = f.get("resid_sink_count", torch.zeros(1))

@@ -76,7 +76,6 @@ class HeadRoles(Statistic):
                     out = lm.model(input_ids=probe["ids"][None].to(lm.device), use_cache=False)
                     if kind == "retrieval":
                         self._count_copies(out.logits[0].float().cpu())
-                    self._flush()
         self._end()
 
     def _begin(self, adapter: Any) -> None:
@@ -110,10 +109,6 @@ class HeadRoles(Statistic):
     def _add(self, layer: int, **fields: Any) -> None:
         for name, value in fields.items():
             self._sums[f"L{layer}"][name] += value
-
-    def _flush(self) -> None:
-        if self._plan is not None:
-            self._plan.pop("attended", None)
 
     def update(self, site: Site, x: torch.Tensor, batch: BatchInfo) -> None:  # never routed (accepts nothing)
         raise AssertionError("head roles read their own probes")
