@@ -574,6 +574,92 @@ def _list_quant_methods(as_json: bool) -> None:
     print("parameters go after the name: --method gptq:act_order=true;damp=0.02")
 
 
+@app.command("kv")
+def kv_cmd(
+    model: ModelOpt = DEFAULT_MODEL,
+    method: Annotated[str | None, typer.Option(help="a KV method, with options after a colon (e.g. snapkv:window=32); "
+                                                    "see --list-methods")] = None,
+    ratio: Annotated[float, typer.Option(help="fraction of cached tokens to remove, in [0, 1)")] = 0.0,
+    phase: Annotated[str, typer.Option(help="prefill: compress once after the prompt; decode: after every forward, "
+                                            "to a running budget")] = "prefill",
+    question_aware: Annotated[bool, typer.Option("--question-aware", help="compress after the question is read "
+                                                 "(evaluation then runs a document and its question as one prompt)")]
+    = False,
+    bits: Annotated[int, typer.Option(help="KIVI quantization of the kept tokens: 8, 4 or 2 bits (0: none)")] = 0,
+    group: Annotated[int, typer.Option(help="tokens per key group and channels per value group (KIVI)")] = 32,
+    save: Annotated[str | None, typer.Option(help="the KV recipe file (.json or .yaml)")] = None,
+    calib: CalibOpt = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=2, help="tokens per window (calibration and "
+                                                                  "--windows)")] = 2048,
+    calib_windows: CalibWindowsOpt = 2,
+    eval_data: EvalDataOpt = None,
+    windows: HeldOutOpt = 0,
+    chunk: Annotated[int, typer.Option(min=1, help="with --windows: tokens read per forward; the cache is held to "
+                                                   "its budget after each")] = 64,
+    list_methods: Annotated[bool, typer.Option("--list-methods", help="list the methods and exit")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compress the KV cache: a press scores cached tokens, a method sets each layer's and head's budget
+    (StreamingLLM, K-norm, SnapKV, TOVA, H2O, PyramidKV, ...), optionally quantized (KIVI); evaluate, compose and
+    run the recipe in the decode engine like any other.
+
+    \b
+    Examples:
+      actlab kv --method snapkv --ratio 0.5 --save snap50.json
+      actlab kv --method h2o --ratio 0.75 --phase decode --windows 4 --eval wikitext2:test --save h2o75.json
+      actlab kv --method pyramidkv --ratio 0.75 --bits 4 --save pyr75-int4.json
+      actlab kv --list-methods
+    """
+    if list_methods:
+        _list_kv_methods(as_json)
+        return
+    from actlab.errors import ConfigError
+    from actlab.jobs.kv import kv_job
+
+    if not save:
+        raise ConfigError("give --save: the KV recipe file to write (.json or .yaml)")
+    if not method:
+        raise ConfigError("give --method (and --ratio); --list-methods shows the methods")
+    name, params = parse_method(method)
+    out = kv_job(model, save=save, method=name, ratio=ratio, params=params, phase=phase,
+                 question_aware=question_aware, bits=bits, group=group, calib=calib, seq_len=seq_len,
+                 calib_windows=calib_windows, eval_data=eval_data, windows=windows, chunk=chunk, log=_log)
+    lines = [f"{out['recipe']} -> {save}", out["cost_line"]]
+    if "ppl" in out:
+        lines.append(f"ppl {out['dense_ppl']:.3f} full cache -> {out['ppl']:.3f} "
+                     f"({out['ppl'] / out['dense_ppl'] - 1:+.1%}) on {out['eval_data']}, {seq_len} tokens read "
+                     f"{out['chunk']} at a time, {out.get('kv_kept_fraction', 1):.1%} of the cache kept")
+    _emit(out, as_json, "\n".join(lines))
+
+
+def _list_kv_methods(as_json: bool) -> None:
+    import inspect
+
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from actlab.transforms.kv import METHODS, PRESSES, PressMethod
+
+    def parameters(cls) -> dict:
+        init = PRESSES[cls.press].__init__ if issubclass(cls, PressMethod) else cls.__init__
+        return {k: p.default for k, p in inspect.signature(init).parameters.items()
+                if p.default is not inspect.Parameter.empty and k not in ("phase", "question_aware", "bits", "group")}
+
+    rows = [{"method": name, "press": cls.press, "budgets": cls.budgets, "calibration": cls.calibrated,
+             "parameters": parameters(cls), "paper": cls.paper} for name, cls in METHODS.items()]
+    if as_json:
+        print(json.dumps(rows, default=str))
+        return
+    table = Table("method", "scores by", "budgets", "data", "parameters (default)", "paper")
+    for r in rows:
+        table.add_row(r["method"], r["press"], r["budgets"], "calibration" if r["calibration"] else "none",
+                      escape(", ".join(f"{k}={v}" for k, v in r["parameters"].items()) or "-"), escape(r["paper"]))
+    Console(width=max(160, Console().width)).print(table)
+    print("parameters go after the name: --method snapkv:window=32;kernel=7; every method takes --phase, "
+          "--question-aware, --bits and --group")
+
+
 @app.command("export")
 def export_cmd(
     model: ModelOpt = DEFAULT_MODEL,

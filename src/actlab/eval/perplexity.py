@@ -52,9 +52,32 @@ def auto_batch_size(lm: LoadedModel, seq_len: int) -> int:
     return max(1, LOGITS_BUDGET_BYTES // per_window)
 
 
+def chunked_window_nll(model: torch.nn.Module, window: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Summed next-token NLL of one window [1, T] read `chunk` tokens per forward through the KV cache (teacher-
+    forced decoding; equal to one forward without a transform of the cache). Attached KV recipes compress after
+    every forward, whatever their phase: the cache is held to its budget as it grows."""
+    from actlab.models.compat import output_cache, with_cache
+    from actlab.transforms.kv.session import running_budget
+
+    total = torch.zeros((), dtype=torch.float64)
+    cache = None
+    with running_budget():
+        for start in range(0, window.shape[1] - 1, chunk):
+            out = model(input_ids=window[:, start:start + chunk], use_cache=True,
+                        **(with_cache(model, cache) if cache is not None else {}))
+            cache = output_cache(out)
+            targets = window[0, start + 1:start + chunk + 1]
+            logits = out.logits[0, : len(targets)].float()
+            total += F.cross_entropy(logits, targets, reduction="sum").double()
+    return total.view(1)
+
+
 @torch.no_grad()
 def perplexity(lm: LoadedModel, windows: torch.Tensor, batch_size: int | None = None,
-               progress: bool = True, description: str = "perplexity") -> PerplexityResult:
+               progress: bool = True, description: str = "perplexity", chunk: int = 0) -> PerplexityResult:
+    """`chunk` > 0: each window read that many tokens per forward through the cache (see chunked_window_nll)."""
+    if chunk:
+        batch_size = 1
     batch_size = batch_size or auto_batch_size(lm, windows.shape[1])
     windows = windows.to(lm.device)
     start = time.perf_counter()
@@ -62,7 +85,8 @@ def perplexity(lm: LoadedModel, windows: torch.Tensor, batch_size: int | None = 
     per_window: list[float] = []
     batches = range(0, len(windows), batch_size)
     for i in track(batches, total=len(batches), description=description, enabled=progress):
-        sums = window_nll(lm.model, windows[i : i + batch_size]).cpu()
+        batch = windows[i : i + batch_size]
+        sums = (chunked_window_nll(lm.model, batch, chunk) if chunk else window_nll(lm.model, batch)).cpu()
         total += sums.sum()
         per_window += (sums / (windows.shape[1] - 1)).tolist()
     tokens = windows.shape[0] * (windows.shape[1] - 1)

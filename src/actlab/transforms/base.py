@@ -120,6 +120,17 @@ class Recipe(ABC):
         return None
 
 
+class NoCalibration:
+    """What a calibration-free method (RTN, the KV presses) is given in place of a calibration set: the model,
+    nothing measured."""
+
+    def __init__(self, lm: Any):
+        self.lm = lm
+
+    def describe(self) -> dict[str, Any]:
+        return {"data": None}
+
+
 class Method(ABC):
     """A training-free method of one family: calibrate from a calibration set to a budget."""
 
@@ -162,6 +173,7 @@ def recipe_type(family: Any) -> type[Recipe]:
 
 def _load_families() -> None:
     """Import every family package so that their recipe types are registered."""
+    import actlab.transforms.kv  # noqa: F401
     import actlab.transforms.layers  # noqa: F401
     import actlab.transforms.quant  # noqa: F401
     import actlab.transforms.sparsity  # noqa: F401

@@ -7,13 +7,14 @@ from __future__ import annotations
 import torch
 
 from actlab.errors import ConfigError
-from actlab.transforms.kv.base import ALL_QUERIES, CacheView, KVPress, window_attention
+from actlab.transforms.kv.base import ALL_QUERIES, CacheView, KVPress, accumulated_attention
 
 
 class H2O(KVPress):
     name = "h2o"
     paper = "Zhang et al. 2023 (arXiv:2306.14048)"
     window = ALL_QUERIES
+    accumulates = True
 
     def __init__(self, recent: float = 0.5):
         if isinstance(recent, bool) or not isinstance(recent, (int, float)) or not 0 <= recent <= 1:
@@ -25,8 +26,10 @@ class H2O(KVPress):
         return {"recent": self.recent}
 
     def score(self, view: CacheView, keep: int) -> torch.Tensor:
-        score = window_attention(view).sum(2)  # [B, KV, T]: attention accumulated over every query
+        score = accumulated_attention(view).clone()  # [B, KV, T]: attention accumulated over every query
         recent = int(keep * self.recent)
-        if recent:
-            score[..., view.tokens - recent:] = float("inf")
+        if recent:  # the most recent tokens still in the cache
+            alive = view.alive if view.alive is not None else torch.ones_like(score, dtype=torch.bool)
+            later = alive.flip(-1).long().cumsum(-1).flip(-1)  # cached tokens at or after each position
+            score = score.masked_fill(alive.expand_as(score) & (later <= recent), float("inf"))
         return score

@@ -32,5 +32,5 @@ class SnapKV(KVPress):
         mass = probs.mean(2)  # [B, KV, T]
         pooled = F.avg_pool1d(mass.reshape(b * kv, 1, t), self.kernel, stride=1, padding=self.kernel // 2,
                               count_include_pad=False).reshape(b, kv, t)
-        pooled[..., t - w:] = float("inf")
+        pooled[..., view.token_positions() >= view.query_positions()[0]] = float("inf")  # the window stays
         return pooled

@@ -14,7 +14,7 @@ class StreamingLLM(KVPress):
     paper = "Xiao et al. 2024 (arXiv:2309.17453)"
 
     def __init__(self, sinks: int = 4):
-        if not isinstance(sinks, int) or sinks < 0:
+        if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
             raise ConfigError(f"streaming-llm: sinks must be a whole number >= 0, got {sinks!r}")
         self.sinks = sinks
 
@@ -23,6 +23,7 @@ class StreamingLLM(KVPress):
 
     def score(self, view: CacheView, keep: int) -> torch.Tensor:
         b, kv, t = view.keys.shape[:3]
-        score = torch.arange(t, dtype=torch.float32, device=view.keys.device)  # later = kept first
-        score[: min(self.sinks, keep)] = float("inf")
+        positions = view.token_positions()
+        score = positions.float().clone()  # later = kept first
+        score[positions < self.sinks] = float("inf")  # ties keep the earliest, so fewer than `sinks` keep the first
         return score.expand(b, kv, t)

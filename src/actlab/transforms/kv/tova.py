@@ -15,5 +15,5 @@ class TOVA(KVPress):
 
     def score(self, view: CacheView, keep: int) -> torch.Tensor:
         score = window_attention(view)[:, :, -1].clone()  # [B, KV, T]
-        score[..., -1] = float("inf")
+        score[..., -1] = float("inf")  # the newest token
         return score

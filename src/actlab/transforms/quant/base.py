@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from actlab.models.keys import projection_key
-from actlab.transforms.base import Method
+from actlab.transforms.base import Method, NoCalibration  # noqa: F401  (re-exported)
 from actlab.transforms.quant.grid import Grid
 from actlab.transforms.quant.recipe import HEAD, QuantRecipe, target_view
 
@@ -26,16 +26,6 @@ def input_groups(layer: Any) -> list[list[str]]:
     """The roles of `layer` (a LayerView) grouped by the input they read, in computation order."""
     return [[r for r in group if r in layer.linears] for group in INPUT_GROUPS if any(r in layer.linears
                                                                                       for r in group)]
-
-
-class NoCalibration:
-    """What a calibration-free method (RTN) is given in place of a calibration set: the model, nothing measured."""
-
-    def __init__(self, lm: Any):
-        self.lm = lm
-
-    def describe(self) -> dict[str, Any]:
-        return {"data": None}
 
 
 @dataclass

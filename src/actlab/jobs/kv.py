@@ -1,0 +1,59 @@
+"""The kv job: a KV-cache method to a compression ratio (and optionally KIVI quantization), saved as a recipe,
+with what it costs (the spine's cost line; optionally perplexity under compression on held-out windows)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from actlab.errors import ConfigError
+from actlab.jobs import setup
+from actlab.transforms import validate
+from actlab.transforms.base import NoCalibration
+from actlab.transforms.compose import cost_of
+
+
+def kv_job(model: str, *, save: str, method: str, ratio: float = 0.0, params: dict[str, Any] | None = None,
+           phase: str = "prefill", question_aware: bool = False, bits: int = 0, group: int = 32,
+           calib: str | None = None, seq_len: int = 2048, calib_windows: int = 2, eval_data: str | None = None,
+           windows: int = 0, chunk: int = 64, log: Callable[[str], None] = print,
+           progress: bool = True) -> dict[str, Any]:
+    from actlab.transforms.kv import check_ratio, get_method
+
+    check_ratio(ratio)
+    chosen = get_method(method, phase=phase, question_aware=question_aware, bits=bits, group=group, **(params or {}))
+    chosen.progress = progress
+    lm = setup.model(model, log)
+    if not lm.adapter.num_kv_heads:
+        raise ConfigError(f"{lm.name} has no KV cache to compress")
+    data = setup.calibration(lm, calib, seq_len, calib_windows) if chosen.calibrated else NoCalibration(lm)
+    recipe = chosen.calibrate(data, ratio)
+    validate(recipe, lm)
+    recipe.save(save)
+    cost = cost_of(lm, recipe)
+    ratios = recipe.ratios(lm.adapter)
+    out: dict[str, Any] = {"model": lm.name, "recipe": recipe.describe(), "method": recipe.method, "ratio": ratio,
+                           "layer_ratios": ratios.mean(1).tolist(), "cost": cost.to_dict(),
+                           "cost_line": cost.line(), "path": save}
+    if chosen.calibrated:
+        out["calib_data"] = data.corpus.get("name")
+    if windows:
+        out.update(compressed_perplexity(lm, recipe, eval_data, seq_len, windows, chunk, progress))
+    return out
+
+
+def compressed_perplexity(lm, recipe, data: str | None, seq_len: int, windows: int, chunk: int,
+                          progress: bool = True) -> dict[str, Any]:
+    """Perplexity of held-out windows read `chunk` tokens at a time through the cache, with the full cache and with
+    the cache held to `recipe`'s budget as it grows."""
+    from actlab.eval.perplexity import perplexity
+    from actlab.transforms import attach
+
+    corpus, ids = setup.eval_windows(lm, data, seq_len, windows)
+    out: dict[str, Any] = {"dense_ppl": perplexity(lm, ids, progress=progress, chunk=chunk).ppl,
+                           "eval_data": corpus.name, "chunk": chunk}
+    with attach(lm, recipe) as attached:
+        out["ppl"] = perplexity(lm, ids, progress=progress, chunk=chunk,
+                                description=f"perplexity, {recipe.describe()}").ppl
+        out.update(attached.summary(lm))
+    return out
