@@ -172,7 +172,7 @@ def evaluate(lm: Any, tasks: list[TaskSpec], columns: list[Column], limit: int |
 
 def _prepare(lm: Any, spec: TaskSpec, limit: int | None):
     if spec.output_type != "perplexity":
-        return items(spec, limit)
+        return items(spec, limit, lm.tokenizer)
     from actlab.data import WindowSpec, load_corpus, make_windows
 
     corpus = load_corpus(spec.dataset.corpus, role="all")
@@ -189,7 +189,7 @@ def _run(lm: Any, spec: TaskSpec, data: Any, description: str, progress: bool,
         from actlab.eval.perplexity import perplexity
 
         local = perplexity(lm, data[mine.start:mine.stop], batch_size=1, progress=progress,
-                           description=description).window_nll if len(mine) else []
+                           description=description, chunk=spec.chunk).window_nll if len(mine) else []
         window_nll = [v for part in all_gather(local, world) for v in part]
         ppl, se = M.perplexity_of_nlls(window_nll)
         return TaskResult(spec.task, spec.output_type, spec.version, len(data), {"perplexity": (ppl, se)},

@@ -52,14 +52,25 @@ def encode_shared(tokenizer, context: str, continuations: tuple[str, ...]) -> tu
 
 
 @torch.no_grad()
-def score_continuations(lm, context: list[int], continuations: list[list[int]]) -> list[Score]:
-    """Log-likelihood (and greediness) of each continuation after the shared `context`."""
+def score_continuations(lm, context: list[int], continuations: list[list[int]],
+                        split: int | None = None) -> list[Score]:
+    """Log-likelihood (and greediness) of each continuation after the shared `context`. With `split`, the context
+    runs as two forwards - its first `split` tokens (a document: where a KV recipe compresses the cache), then the
+    rest (the question) - which is what one forward computes unless the cache is transformed in between."""
     model, device = lm.model, lm.device
     limit = lm.max_context
     if limit and len(context) + max(len(c) for c in continuations) > limit:  # lm-eval keeps the last tokens
         keep = limit - max(len(c) for c in continuations)
+        if split is not None:
+            split -= len(context) - max(1, keep)
         context = context[-max(1, keep):]
-    out = model(input_ids=torch.tensor([context], device=device), use_cache=True, logits_to_keep=1)
+    ids = torch.tensor([context], device=device)
+    if split is not None and 0 < split < len(context):
+        document = model(input_ids=ids[:, :split], use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids[:, split:], **with_cache(model, output_cache(document)), use_cache=True,
+                    logits_to_keep=1)
+    else:
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     first = F.log_softmax(out.logits[0, -1].float(), dim=-1)
     sums = [float(first[c[0]]) if c else 0.0 for c in continuations]
     greedy = [bool(int(first.argmax()) == c[0]) if c else True for c in continuations]
@@ -81,12 +92,28 @@ def score_continuations(lm, context: list[int], continuations: list[list[int]]) 
     return [Score(s, g, len(c)) for s, g, c in zip(sums, greedy, continuations)]
 
 
+def question_split(tokenizer, item, context: list[int]) -> int | None:
+    """Where the question starts among the context's tokens: the longest prefix the document alone tokenizes to."""
+    document = tokenizer(item.contexts[0][: item.question_at], verbose=False)["input_ids"]
+    k = 0
+    while k < min(len(document), len(context)) and document[k] == context[k]:
+        k += 1
+    return k or None
+
+
 def score_item(lm, item) -> list[Score]:
-    """Scores of an item's requests: one per choice (a shared context, or one context per choice)."""
+    """Scores of an item's requests: one per choice (a shared context, or one context per choice). An item with a
+    question after its document reads them in two forwards, unless an attached KV recipe is question-aware (it
+    compresses after the question)."""
+    from actlab.transforms.kv.session import question_aware
+
     tok = lm.tokenizer
     if len(item.contexts) == 1:
         context, continuations = encode_shared(tok, item.contexts[0], item.continuations)
-        return score_continuations(lm, context, continuations)
+        split = None
+        if item.question_at is not None and not question_aware(lm):
+            split = question_split(tok, item, context)
+        return score_continuations(lm, context, continuations, split)
     out = []
     for context_text in item.contexts:  # partial scoring: one context per option, the same continuation
         context, continuation = encode_pair(tok, context_text, item.continuations[0])

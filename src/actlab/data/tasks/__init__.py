@@ -16,12 +16,17 @@ Output types, as lm-evaluation-harness defines them:
   greedy continuation) and perplexity (exp of minus the mean target log-likelihood) - LAMBADA;
 - partial: fill-in-the-blank - `doc_to_contexts` gives one context per option, `doc_to_continuation` the
   shared rest of the sentence, scored given each context (Winogrande's "partial evaluation"); acc;
-- perplexity: a corpus cut into windows with actlab's window protocol (`seq_len`); perplexity.
+- perplexity: a corpus cut into windows with actlab's window protocol (`seq_len`); perplexity; with `chunk`, each
+  window is read that many tokens per forward through the KV cache (perplexity under KV compression).
+
+`doc_to_question` (optional) is read after `doc_to_text`: the document and the question run as two forwards, so a
+KV recipe compresses the document's cache before the question (a question-aware recipe: after it).
 
 Dataset sources: `jsonl` (one JSON object per line); `lines` + `group` + `fields` (a text file, .bz2 or .gz
 read transparently, every `group` lines one item); `labels` (a file with one label per line, added to each
 item as `label`); `hf: {path, name, split}` (a Hugging Face dataset, needs network and `datasets`);
-`corpus` (a corpus spec, for perplexity). Paths may use ${tasks} (the task data folder: $ACTLAB_TASKS or
+`corpus` (a corpus spec, for perplexity); `synthetic: {kind, length, items, seed, haystack}` (long-context
+retrieval generated with the model's tokenizer: synthetic.py; `NAME@LENGTH` sets the length). Paths may use ${tasks} (the task data folder: $ACTLAB_TASKS or
 shared/data/tasks) and are otherwise relative to the YAML file. The built-in tasks are the YAML files
 beside this module; any other task is a YAML file a user writes, with no code.
 """
@@ -56,6 +61,7 @@ class DatasetSpec:
     labels: str | None = None
     hf: dict[str, str] | None = None
     corpus: str | None = None
+    synthetic: dict[str, Any] | None = None  # a generated long-context task (synthetic.py)
 
 
 @dataclass
@@ -68,12 +74,19 @@ class TaskSpec:
     doc_to_target: str | None = None
     doc_to_contexts: str | None = None
     doc_to_continuation: str | None = None
+    doc_to_question: str | None = None  # read after doc_to_text: a KV cache is compressed between the two
     target_delimiter: str = " "
     metrics: list[str] | None = None
     seq_len: int = 1024
+    chunk: int = 0  # perplexity: tokens read per forward through the KV cache (0: a window in one forward)
     version: int = 1
     description: str = ""
     source: str = field(default="", repr=False)  # the YAML file (set when loaded)
+
+    def synthetic(self):
+        from actlab.data.tasks.synthetic import SyntheticSpec
+
+        return schema.build(SyntheticSpec, self.dataset.synthetic, f"task {self.task!r}: dataset.synthetic")
 
     def __post_init__(self) -> None:
         where = f"task {self.task!r}"
@@ -88,10 +101,12 @@ class TaskSpec:
         if bad:
             raise ConfigError(f"{where}: metric {bad[0]!r} does not apply to {self.output_type}; "
                               f"use {', '.join(allowed)}")
-        sources = [n for n in ("jsonl", "lines", "hf", "corpus") if getattr(self.dataset, n) is not None]
+        sources = [n for n in ("jsonl", "lines", "hf", "corpus", "synthetic") if getattr(self.dataset, n) is not None]
         if len(sources) != 1:
-            raise ConfigError(f"{where}: dataset needs exactly one of jsonl, lines, hf, corpus "
+            raise ConfigError(f"{where}: dataset needs exactly one of jsonl, lines, hf, corpus, synthetic "
                               f"(got {sources or 'none'})")
+        if self.dataset.synthetic is not None:
+            self.synthetic()  # a bad kind or size: one line
         if (self.output_type == "perplexity") != (sources[0] == "corpus"):
             raise ConfigError(f"{where}: a perplexity task reads a corpus, and only a perplexity task does")
         ds = self.dataset
@@ -99,7 +114,12 @@ class TaskSpec:
             raise ConfigError(f"{where}: dataset.lines needs `fields`, one name per line of a group of {ds.group}")
         if self.seq_len < 2:
             raise ConfigError(f"{where}: seq_len must be at least 2")
-        for name in ("doc_to_text", "doc_to_choice", "doc_to_target", "doc_to_contexts", "doc_to_continuation"):
+        if self.chunk < 0 or (self.chunk and self.output_type != "perplexity"):
+            raise ConfigError(f"{where}: chunk is a perplexity task's tokens per forward (>= 1)")
+        if self.doc_to_question is not None and self.output_type not in ("loglikelihood", "multiple_choice"):
+            raise ConfigError(f"{where}: doc_to_question needs one shared context (loglikelihood, multiple_choice)")
+        for name in ("doc_to_text", "doc_to_choice", "doc_to_target", "doc_to_contexts", "doc_to_continuation",
+                     "doc_to_question"):
             template = getattr(self, name)
             if template is not None:
                 _compile(template, f"{where}: {name}")
@@ -115,6 +135,7 @@ class Item:
     continuations: tuple[str, ...]
     choices: tuple[str, ...]
     target: int
+    question_at: int | None = None  # where the question starts in the shared context (doc_to_question)
 
 
 def task_names() -> list[str]:
@@ -122,7 +143,18 @@ def task_names() -> list[str]:
 
 
 def load_task(name_or_path: str) -> TaskSpec:
-    """A built-in task by name, or a task YAML file by path."""
+    """A built-in task by name, or a task YAML file by path; `NAME@LENGTH` sets a synthetic task's length in
+    tokens (niah_single@2048)."""
+    name_or_path, at, length = name_or_path.partition("@")
+    if at:
+        spec = load_task(name_or_path)
+        if spec.dataset.synthetic is None or not length.isdigit():
+            raise ConfigError(f"{name_or_path}@{length}: @LENGTH sets a synthetic task's length in tokens "
+                              "(e.g. niah_single@2048)")
+        spec.dataset.synthetic = {**spec.dataset.synthetic, "length": int(length)}
+        spec.task = f"{spec.task}@{length}"
+        spec.synthetic()
+        return spec
     path = Path(name_or_path).expanduser()
     if path.suffix.lower() in (".yaml", ".yml") or path.exists():
         if not path.is_file():
@@ -165,9 +197,14 @@ def resolve_path(spec: TaskSpec, value: str) -> Path:
 
 # -- reading items ----------------------------------------------------------------------------------
 
-def read_docs(spec: TaskSpec, limit: int | None = None) -> list[dict[str, Any]]:
-    """The task's documents (dicts of fields), the first `limit` of them in file order."""
+def read_docs(spec: TaskSpec, limit: int | None = None, tokenizer: Any = None) -> list[dict[str, Any]]:
+    """The task's documents (dicts of fields), the first `limit` of them in file order (a synthetic task's are
+    generated with the model's `tokenizer`)."""
     ds = spec.dataset
+    if ds.synthetic is not None:
+        from actlab.data.tasks.synthetic import generate
+
+        return generate(spec.synthetic(), tokenizer, limit)
     if ds.jsonl is not None:
         path = resolve_path(spec, ds.jsonl)
         docs = []
@@ -196,12 +233,12 @@ def read_docs(spec: TaskSpec, limit: int | None = None) -> list[dict[str, Any]]:
     return docs[:limit] if limit else docs
 
 
-def items(spec: TaskSpec, limit: int | None = None) -> list[Item]:
+def items(spec: TaskSpec, limit: int | None = None, tokenizer: Any = None) -> list[Item]:
     """The task's scored items (multiple_choice, loglikelihood and partial tasks)."""
     if spec.output_type == "perplexity":
         raise ConfigError(f"task {spec.task} is a perplexity task: it has windows, not items")
     out = []
-    for index, doc in enumerate(read_docs(spec, limit)):
+    for index, doc in enumerate(read_docs(spec, limit, tokenizer)):
         try:
             out.append(_item(spec, index, doc))
         except ConfigError as exc:
@@ -210,14 +247,18 @@ def items(spec: TaskSpec, limit: int | None = None) -> list[Item]:
 
 
 def _item(spec: TaskSpec, index: int, doc: dict[str, Any]) -> Item:
+    context = _render(spec.doc_to_text, doc)
+    question_at = None
+    if spec.doc_to_question is not None:
+        question_at = len(context)
+        context += _render(spec.doc_to_question, doc)
     if spec.output_type == "multiple_choice":
         choices = _as_list(_render(spec.doc_to_choice, doc, native=True), "doc_to_choice")
-        context = _render(spec.doc_to_text, doc)
         return Item(index, (context,), tuple(spec.target_delimiter + c for c in choices), tuple(choices),
-                    _target(_render(spec.doc_to_target, doc, native=True), choices))
+                    _target(_render(spec.doc_to_target, doc, native=True), choices), question_at)
     if spec.output_type == "loglikelihood":  # lm-eval scores the target as written: no delimiter
         target = _render(spec.doc_to_target, doc)
-        return Item(index, (_render(spec.doc_to_text, doc),), (target,), (target,), 0)
+        return Item(index, (context,), (target,), (target,), 0, question_at)
     contexts = _as_list(_render(spec.doc_to_contexts, doc, native=True), "doc_to_contexts")
     continuation = spec.target_delimiter + _render(spec.doc_to_continuation, doc)
     return Item(index, tuple(contexts), (continuation,), tuple(contexts),
