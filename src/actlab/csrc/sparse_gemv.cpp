@@ -237,6 +237,55 @@ std::tuple<torch::Tensor, torch::Tensor> int8_gemv(const torch::Tensor& q, const
 // softmax(q.K^T * scaling [soft-capped]) . V over cache positions [start, pos]. Replaces ~15 small torch ops
 // per layer, whose dispatch cost rivals the weight reads of a 135M-parameter model.
 // q [H, D], k/v [KV, D], kc/vc [KV, T, D] contiguous; returns [H * D].
+// Rotary embedding of n rows of D channels in place (HF's rotate_half convention).
+void rotate_rows(float* x, int64_t n, int64_t D, const float* c, const float* s) {
+  std::vector<float> tmp(D);
+  const int64_t half = D / 2;
+  for (int64_t r = 0; r < n; ++r) {
+    float* row = x + r * D;
+    for (int64_t i = 0; i < half; ++i) tmp[i] = row[i] * c[i] - row[i + half] * s[i];
+    for (int64_t i = half; i < D; ++i) tmp[i] = row[i] * c[i] + row[i - half] * s[i];
+    std::copy(tmp.begin(), tmp.end(), row);
+  }
+}
+
+// One query head's softmax attention over n cached rows of keys / values; rows whose `skip` is set (a sliding
+// window no longer sees them) are left out.
+void attend_head(const float* qh, const float* keys, const float* vals, int64_t n, int64_t D, float sc, float cap,
+                 const uint8_t* skip, float* oh) {
+  std::vector<float> p(n);
+  float mx = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) {
+    if (skip && skip[t]) {
+      p[t] = -INFINITY;
+      continue;
+    }
+    float sdot = dot(qh, keys + t * D, D) * sc;
+    if (cap > 0.f) sdot = cap * std::tanh(sdot / cap);
+    p[t] = sdot;
+    mx = std::max(mx, sdot);
+  }
+  float sum = 0.f;
+  for (int64_t t = 0; t < n; ++t) sum += (p[t] = (skip && skip[t]) ? 0.f : std::exp(p[t] - mx));
+  for (int64_t i = 0; i < D; ++i) oh[i] = 0.f;
+  for (int64_t t = 0; t < n; ++t) {
+    if (p[t] == 0.f) continue;
+    const float w = p[t] / sum;
+    const float* vt = vals + t * D;
+    for (int64_t i = 0; i < D; ++i) oh[i] += w * vt[i];
+  }
+}
+
+// Heads in parallel once the cache is long; short contexts run on the calling thread.
+template <typename F>
+void for_heads(int64_t H, int64_t work, F&& head) {
+  if (work < (1 << 16)) {
+    for (int64_t h = 0; h < H; ++h) head(h);
+  } else {
+    at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) { for (int64_t h = h0; h < h1; ++h) head(h); });
+  }
+}
+
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, const torch::Tensor& v, torch::Tensor kc,
                                torch::Tensor vc, int64_t pos, int64_t start, const torch::Tensor& cos,
                                const torch::Tensor& sin, double scaling, double softcap) {
@@ -248,19 +297,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, const torch::Te
   TORCH_CHECK(kc.size(0) == KV && kc.size(2) == D && pos < T && start <= pos && H % KV == 0, "shapes");
   float *pq = q.data_ptr<float>(), *pk = k.data_ptr<float>();
   if (cos.defined() && cos.numel()) {
-    const float *c = cos.data_ptr<float>(), *s = sin.data_ptr<float>();
-    const int64_t half = D / 2;
-    auto rotate = [&](float* x, int64_t n) {
-      std::vector<float> tmp(D);
-      for (int64_t r = 0; r < n; ++r) {
-        float* row = x + r * D;
-        for (int64_t i = 0; i < half; ++i) tmp[i] = row[i] * c[i] - row[i + half] * s[i];
-        for (int64_t i = half; i < D; ++i) tmp[i] = row[i] * c[i] + row[i - half] * s[i];
-        std::copy(tmp.begin(), tmp.end(), row);
-      }
-    };
-    rotate(pq, H);
-    rotate(pk, KV);
+    rotate_rows(pq, H, D, cos.data_ptr<float>(), sin.data_ptr<float>());
+    rotate_rows(pk, KV, D, cos.data_ptr<float>(), sin.data_ptr<float>());
   }
   float *pkc = kc.data_ptr<float>(), *pvc = vc.data_ptr<float>();
   const float* pv = vv.data_ptr<float>();
@@ -272,34 +310,75 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, const torch::Te
   auto out = torch::empty({H * D}, torch::kFloat32);
   float* po = out.data_ptr<float>();
   const float sc = static_cast<float>(scaling), cap = static_cast<float>(softcap);
-  auto head = [&](int64_t h) {
-    const float* qh = pq + h * D;
-    const float* keys = pkc + ((h / group) * T + start) * D;
-    const float* vals = pvc + ((h / group) * T + start) * D;
-    std::vector<float> p(n);
-    float mx = -INFINITY;
-    for (int64_t t = 0; t < n; ++t) {
-      float sdot = dot(qh, keys + t * D, D) * sc;
-      if (cap > 0.f) sdot = cap * std::tanh(sdot / cap);
-      p[t] = sdot;
-      mx = std::max(mx, sdot);
-    }
-    float sum = 0.f;
-    for (int64_t t = 0; t < n; ++t) sum += (p[t] = std::exp(p[t] - mx));
-    float* oh = po + h * D;
-    for (int64_t i = 0; i < D; ++i) oh[i] = 0.f;
-    for (int64_t t = 0; t < n; ++t) {
-      const float w = p[t] / sum;
-      const float* vt = vals + t * D;
-      for (int64_t i = 0; i < D; ++i) oh[i] += w * vt[i];
-    }
-  };
-  // threads only pay off once the cache is long; short contexts run on the calling thread
-  if (n * H * D < (1 << 16)) {
-    for (int64_t h = 0; h < H; ++h) head(h);
-  } else {
-    at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) { for (int64_t h = h0; h < h1; ++h) head(h); });
+  for_heads(H, n * H * D, [&](int64_t h) {
+    const int64_t base = ((h / group) * T + start) * D;
+    attend_head(pq + h * D, pkc + base, pvc + base, n, D, sc, cap, nullptr, po + h * D);
+  });
+  return out;
+}
+
+// One decode step on a ragged cache: KV head h holds lens[h] tokens in rows [offsets[h], offsets[h] + lens[h]) of
+// kc / vc [slots, D] (at most caps[h]), their positions in slot_pos. The new token's key and value go into a row
+// whose token a sliding window (window > 0) no longer sees, else after the head's last; then each query head
+// attends over its KV head's rows that the window still sees. Heads keep different counts: the cache holds what
+// a compressed cache keeps, nothing more.
+torch::Tensor ragged_attention(torch::Tensor q, torch::Tensor k, const torch::Tensor& v, torch::Tensor kc,
+                               torch::Tensor vc, torch::Tensor slot_pos, const torch::Tensor& offsets,
+                               torch::Tensor lens, const torch::Tensor& caps, int64_t pos, int64_t window,
+                               const torch::Tensor& cos, const torch::Tensor& sin, double scaling, double softcap) {
+  q = q.contiguous().clone();
+  k = k.contiguous().clone();
+  auto vv = v.contiguous();
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && kc.is_contiguous() && vc.is_contiguous(), "float32, contiguous caches");
+  TORCH_CHECK(slot_pos.dtype() == torch::kInt64 && lens.dtype() == torch::kInt64 && offsets.dtype() == torch::kInt64 &&
+              caps.dtype() == torch::kInt64, "int64 slot positions, offsets, lengths and capacities");
+  const int64_t H = q.size(0), D = q.size(1), KV = k.size(0);
+  TORCH_CHECK(kc.size(1) == D && H % KV == 0 && lens.numel() == KV && offsets.numel() == KV, "shapes");
+  float *pq = q.data_ptr<float>(), *pk = k.data_ptr<float>();
+  if (cos.defined() && cos.numel()) {
+    rotate_rows(pq, H, D, cos.data_ptr<float>(), sin.data_ptr<float>());
+    rotate_rows(pk, KV, D, cos.data_ptr<float>(), sin.data_ptr<float>());
   }
+  float *pkc = kc.data_ptr<float>(), *pvc = vc.data_ptr<float>();
+  const float* pv = vv.data_ptr<float>();
+  int64_t* sp = slot_pos.data_ptr<int64_t>();
+  int64_t* len = lens.data_ptr<int64_t>();
+  const int64_t *off = offsets.data_ptr<int64_t>(), *cap_of = caps.data_ptr<int64_t>();
+  int64_t longest = 0;
+  for (int64_t h = 0; h < KV; ++h) {
+    int64_t slot = -1;
+    if (window > 0) {
+      for (int64_t t = 0; t < len[h]; ++t) {
+        if (pos - sp[off[h] + t] >= window) {
+          slot = off[h] + t;
+          break;
+        }
+      }
+    }
+    if (slot < 0) {
+      TORCH_CHECK(len[h] < cap_of[h], "the ragged KV cache of a head is full");
+      slot = off[h] + len[h]++;
+    }
+    std::copy(pk + h * D, pk + (h + 1) * D, pkc + slot * D);
+    std::copy(pv + h * D, pv + (h + 1) * D, pvc + slot * D);
+    sp[slot] = pos;
+    longest = std::max(longest, len[h]);
+  }
+  std::vector<uint8_t> skip;
+  if (window > 0) {
+    skip.resize(kc.size(0));
+    for (int64_t h = 0; h < KV; ++h)
+      for (int64_t t = 0; t < len[h]; ++t) skip[off[h] + t] = pos - sp[off[h] + t] >= window;
+  }
+  const int64_t group = H / KV;
+  auto out = torch::empty({H * D}, torch::kFloat32);
+  float* po = out.data_ptr<float>();
+  const float sc = static_cast<float>(scaling), cap = static_cast<float>(softcap);
+  for_heads(H, longest * H * D, [&](int64_t h) {
+    const int64_t kv = h / group, base = off[kv];
+    attend_head(pq + h * D, pkc + base * D, pvc + base * D, len[kv], D, sc, cap,
+                window > 0 ? skip.data() + base : nullptr, po + h * D);
+  });
   return out;
 }
 
@@ -329,6 +408,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dense_gemv", &dense_gemv, "dense GEMV on W [out, in]");
   m.def("row_gemv", &row_gemv, "output-sparse GEMV on selected rows of W [out, in]");
   m.def("decode_attention", &decode_attention, "fused rotary + cache write + attention for one decode step");
+  m.def("ragged_attention", &ragged_attention, "one decode step on a cache whose heads hold different tokens");
   m.def("rms_norm", &rms_norm, "row-wise RMSNorm with a weight vector");
   m.def("int8_gemv", &int8_gemv, "int8 GEMV with group scales and a per-row error bound");
 }

@@ -1,8 +1,11 @@
 """A batch-1 greedy decode engine for any supported architecture, dense or under a recipe the plan lowers.
 
 Prefill runs the unmodified HF model once over the prompt (with the recipe attached, so it is exactly the
-masked reference) and copies its key/value cache into a preallocated one. Each decoded token then goes
-through a hand-written loop over the adapter's parts: the model's own norms, activation and rotary tables,
+masked reference) and copies its key/value cache into a preallocated one. Under a KV recipe that evicts tokens
+the cache is ragged (`RaggedCache`): each KV head holds only the tokens it keeps, in rows of its own, so the
+memory and the attention a step reads shrink with the budget (a dense HF cache must hold every head's longest).
+Each decoded token then goes through a hand-written loop over the adapter's parts: the model's own norms,
+activation and rotary tables,
 our GEMV kernels for every projection (float32, or a quant recipe's codes), attention over the preallocated
 cache, and the exact-argmax LM head. Per token this is a few dozen small tensor operations per layer and no HF
 module machinery.
@@ -142,6 +145,64 @@ class EngineLayer:
 
 
 @dataclass
+class RaggedCache:
+    """One layer's KV cache when heads keep different tokens: head h holds lens[h] tokens in rows
+    [offsets[h], offsets[h] + lens[h]) of k / v (at most caps[h]), their absolute positions in `positions`."""
+
+    k: torch.Tensor  # [rows, head_dim]
+    v: torch.Tensor
+    positions: torch.Tensor  # [rows] int64
+    offsets: torch.Tensor  # [kv] int64
+    lens: torch.Tensor  # [kv] int64
+    caps: torch.Tensor  # [kv] int64
+    state: object = None  # the session's LayerCache (which positions each head holds), for eviction while decoding
+
+    @classmethod
+    def holding(cls, k: torch.Tensor, v: torch.Tensor, first: int, held: torch.Tensor, caps: list[int]) -> RaggedCache:
+        """The cache of the tokens `held` [kv, t] marks among k, v [kv, t, d] (positions first..first+t-1)."""
+        kv, _, d = k.shape
+        offsets = torch.tensor([0, *caps[:-1]], dtype=torch.long).cumsum(0)
+        rows = sum(caps)
+        out = cls(torch.zeros(rows, d), torch.zeros(rows, d), torch.full((rows,), -1, dtype=torch.long), offsets,
+                  torch.zeros(kv, dtype=torch.long), torch.tensor(caps, dtype=torch.long))
+        for h in range(kv):
+            index = held[h].nonzero().flatten()
+            n, o = len(index), int(offsets[h])
+            out.k[o:o + n], out.v[o:o + n] = k[h, index].float(), v[h, index].float()
+            out.positions[o:o + n] = index + first
+            out.lens[h] = n
+        return out
+
+    def drop(self, alive: torch.Tensor, lo: int) -> None:
+        """Remove every row whose position (at or after `lo`) `alive` [kv, positions] no longer holds."""
+        for h in range(len(self.lens)):
+            o, n = int(self.offsets[h]), int(self.lens[h])
+            pos = self.positions[o:o + n]
+            keep = ((pos < lo) | alive[h, pos.clamp(min=0)]).nonzero().flatten()
+            if len(keep) == n:
+                continue
+            m = len(keep)
+            self.k[o:o + m], self.v[o:o + m], self.positions[o:o + m] = (self.k[o + keep], self.v[o + keep],
+                                                                         pos[keep].clone())
+            self.lens[h] = m
+
+    def held(self) -> int:
+        return int(self.lens.sum())
+
+    def position_space(self, lo: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [1, kv, end - lo, d] by position (zeros where a head holds nothing)."""
+        kv, d = len(self.lens), self.k.shape[1]
+        keys, values = torch.zeros(1, kv, end - lo, d), torch.zeros(1, kv, end - lo, d)
+        for h in range(kv):
+            o, n = int(self.offsets[h]), int(self.lens[h])
+            pos = self.positions[o:o + n]
+            inside = ((pos >= lo) & (pos < end)).nonzero().flatten()
+            keys[0, h, pos[inside] - lo] = self.k[o + inside]
+            values[0, h, pos[inside] - lo] = self.v[o + inside]
+        return keys, values
+
+
+@dataclass
 class GenerationStats:
     tokens: list[int] = field(default_factory=list)
     prefill_s: float = 0.0
@@ -225,9 +286,18 @@ class DecodeEngine:
             head = self._dequantized(LinearView(HEAD, ad.lm_head), HEAD).weight()
             self.head = ExactArgmaxHead(head, getattr(ad.lm_head, "bias", None), self.kernels)
             self.pos_table = None if ad.pos_embed is None else ad.pos_embed.weight.detach().float()
-        shape = (sum(x.attention for x in self.layers), self.num_kv, self.max_len, self.head_dim)
-        self.k_cache = torch.zeros(shape)
-        self.v_cache = torch.zeros(shape)
+        self.kv = self.plan.kv
+        self.ragged: list[RaggedCache] = []
+        self.kv_session = None
+        if self.kv is not None:  # a standalone session: the masked reference's eviction rule, run while decoding
+            from actlab.transforms.kv.session import KVSession
+
+            self.kv_session = KVSession(lm, "sdpa").add(self.kv)
+            self.k_cache = self.v_cache = torch.zeros(0)
+        else:
+            shape = (sum(x.attention for x in self.layers), self.num_kv, self.max_len, self.head_dim)
+            self.k_cache = torch.zeros(shape)
+            self.v_cache = torch.zeros(shape)
 
     # -- setup ---------------------------------------------------------------------------------
     def _projection(self, view: LinearView, key: str) -> EngineLinear:
@@ -266,8 +336,12 @@ class DecodeEngine:
         ctx = attach(self.lm, self.recipe) if self.recipe is not None else contextlib.nullcontext()
         with ctx:
             out = self.lm.model(input_ids=torch.tensor([ids]), use_cache=True)
+            states = self._kv_states() if self.kv is not None else None
         self.last_logits = out.logits[0, -1].float()  # for sampling the first new token
         cache = output_cache(out)
+        if states is not None:
+            self._fill_ragged(cache, states, len(ids))
+            return int(out.logits[0, -1].argmax())
         for layer in self.layers:
             if not layer.attention:
                 continue
@@ -277,6 +351,38 @@ class DecodeEngine:
             self.k_cache[layer.slot, :, len(ids) - t : len(ids)] = k.float()
             self.v_cache[layer.slot, :, len(ids) - t : len(ids)] = v.float()
         return int(out.logits[0, -1].argmax())
+
+    def _kv_states(self) -> dict:
+        from actlab.transforms.kv.session import SESSION
+
+        return self.lm.adapter.layers[0].attn.__dict__[SESSION].layers
+
+    def _fill_ragged(self, cache, states: dict, end: int) -> None:
+        """The ragged cache of what the prefill kept: each head's tokens, room for the tokens still to come (at
+        most a sliding window's worth; under decode-phase eviction at most its budget at the last position)."""
+        from actlab.transforms.kv.budgets import keep_counts
+
+        room = self.max_len - end
+        self.ragged = []
+        for layer in self.layers:
+            if not layer.attention:
+                continue
+            entry, state = cache.layers[layer.index], states[layer.index]
+            k, v = entry.keys[0], entry.values[0]  # [kv, t, d]: the last t positions
+            t = k.shape[1]
+            held = state.alive[0, :, end - t:end]
+            caps = [int(n) + room for n in held.sum(-1)]
+            if self.kv.phase == "decode":
+                budget = keep_counts(self.kv_session.ratios[layer.index], self.max_len)
+                caps = [min(c, int(b) + 1) for c, b in zip(caps, budget)]
+            if layer.window is not None:
+                caps = [min(c, max(layer.window, int(n))) for c, n in zip(caps, held.sum(-1))]
+            ragged = RaggedCache.holding(k, v, end - t, held, caps)
+            if self.kv.phase == "decode":
+                state.alive, state.fresh = state.alive[:1].clone(), False
+                ragged.state = state
+                self.kv_session.layers[layer.index] = state
+            self.ragged.append(ragged)
 
     # -- one token -----------------------------------------------------------------------------
     def _embed(self, token: int, pos: int) -> torch.Tensor:
@@ -305,12 +411,37 @@ class DecodeEngine:
         cos, sin = (layer.rope[0][pos], layer.rope[1][pos]) if layer.rope is not None else (NO_ROPE, NO_ROPE)
         if self.partial_rope:
             q, k, cos, sin = rotate_part(q, cos, sin), rotate_part(k, cos, sin), NO_ROPE, NO_ROPE
-        start = 0 if layer.window is None else max(0, pos + 1 - layer.window)
-        out = self.kernels.decode_attention(q, k, v.view(self.num_kv, self.head_dim), self.k_cache[layer.slot],
-                                            self.v_cache[layer.slot], pos, start, cos, sin,
-                                            1.0 if self.q_prescaled else layer.scaling, layer.softcap or 0.0)
+        scaling = 1.0 if self.q_prescaled else layer.scaling
+        if self.kv is not None:
+            r = self.ragged[layer.slot]
+            out = self.kernels.ragged_attention(q, k, v.view(self.num_kv, self.head_dim), r.k, r.v, r.positions,
+                                                r.offsets, r.lens, r.caps, pos, layer.window or 0, cos, sin, scaling,
+                                                layer.softcap or 0.0)
+            if r.state is not None:
+                self._evict(layer, r, q, cos, sin, scaling, pos)
+        else:
+            start = 0 if layer.window is None else max(0, pos + 1 - layer.window)
+            out = self.kernels.decode_attention(q, k, v.view(self.num_kv, self.head_dim), self.k_cache[layer.slot],
+                                                self.v_cache[layer.slot], pos, start, cos, sin, scaling,
+                                                layer.softcap or 0.0)
         o = p["o"](out)
         return o if layer.attn_post_norm is None else layer.attn_post_norm(o)
+
+    def _evict(self, layer: EngineLayer, r: RaggedCache, q: torch.Tensor, cos, sin, scaling: float, pos: int) -> None:
+        """Decode-phase eviction: the session's rule (what the masked reference does after this forward), on this
+        layer's cache laid out by position; the rows of evicted tokens are freed."""
+        from actlab.engine.kernels import rotate_half
+
+        if cos.numel():
+            q = q * cos + rotate_half(q) * sin
+        end = pos + 1
+        span = end if layer.window is None else min(end, layer.window)  # what this query could see
+        keys, values = r.position_space(end - span, end)
+        session = self.kv_session
+        state = session._advance(layer.index, 1, 1, span, torch.tensor([[pos]]))
+        session.compress_layer(layer.index, state, q.view(1, self.num_heads, 1, self.head_dim), keys, values,
+                               scaling, layer.softcap)
+        r.drop(state.alive[0], end - span)
 
     @torch.no_grad()
     def step(self, token: int, pos: int) -> int:
@@ -444,11 +575,19 @@ class DecodeEngine:
             seen.add(t.data_ptr())
             return t.numel() * t.element_size()
 
-        total = size(self.k_cache) + size(self.v_cache)
+        total = size(self.k_cache) + size(self.v_cache) + (self.kv_cache_bytes() if self.kv is not None else 0)
         for layer in self.layers:
             for part in [*layer.projections.values(), layer.mlp]:
                 total += sum(size(v) for v in vars(part).values()) if hasattr(part, "__dict__") else 0
         return total + sum(size(v) for v in vars(self.head).values())
+
+    def kv_cache_bytes(self, held: bool = False) -> int:
+        """Bytes of the KV cache: allocated (the dense cache's max_len positions, or the ragged rows), or, with
+        `held`, only the tokens it holds now."""
+        if self.kv is None:  # every position of every head, whatever it holds
+            return self.k_cache.numel() * self.k_cache.element_size() * 2
+        rows = sum(r.held() if held else r.k.shape[0] for r in self.ragged)
+        return rows * self.head_dim * 4 * 2
 
     def weight_bytes_per_token(self, sparsity: float = 0.0) -> float:
         """Bytes of weights a decode step reads: projections at the given effective sparsity + the head."""

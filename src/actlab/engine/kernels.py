@@ -56,6 +56,37 @@ class TorchKernels:
         return torch.matmul(torch.softmax(scores, dim=-1), v_cache[:, start : pos + 1]).reshape(-1)
 
     @staticmethod
+    def ragged_attention(q, k, v, kc, vc, slot_pos, offsets, lens, caps, pos: int, window: int, cos, sin,
+                         scaling: float, softcap: float) -> torch.Tensor:
+        """The C++ kernel's ragged cache step (see csrc/sparse_gemv.cpp), one head at a time."""
+        if cos.numel():
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        heads, kv = q.shape[0], k.shape[0]
+        out = []
+        for h in range(kv):
+            off, n = int(offsets[h]), int(lens[h])
+            rows = slot_pos[off:off + n]
+            stale = ((pos - rows) >= window).nonzero().flatten() if window > 0 else rows[:0]
+            if len(stale):
+                slot = off + int(stale[0])
+            else:
+                if n >= int(caps[h]):
+                    raise RuntimeError("the ragged KV cache of a head is full")
+                slot = off + n
+                lens[h] += 1
+            kc[slot], vc[slot], slot_pos[slot] = k[h], v[h], pos
+        for h in range(heads):
+            g = h // (heads // kv)
+            off, n = int(offsets[g]), int(lens[g])
+            scores = kc[off:off + n].mv(q[h]) * scaling
+            if softcap > 0:
+                scores = softcap * torch.tanh(scores / softcap)
+            if window > 0:
+                scores = scores.masked_fill((pos - slot_pos[off:off + n]) >= window, float("-inf"))
+            out.append(torch.softmax(scores, 0) @ vc[off:off + n])
+        return torch.cat(out)
+
+    @staticmethod
     def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)) * w
 

@@ -2,8 +2,8 @@
 
 The engine runs activation-sparsity rules inside its GEMV kernels (threshold, top-k, relative, statistical),
 weight-only quantization (8- and 4-bit grouped kernels, sparse or not), output biases, removed blocks and
-sublayers (skipped, with their KV cache; a repair in their place), and interventions on the residual stream
-(steering vectors, ablations at resid_in / resid_out).
+sublayers (skipped, with their KV cache; a repair in their place), interventions on the residual stream
+(steering vectors, ablations at resid_in / resid_out), and KV recipes that evict cached tokens (a ragged cache).
 Anything else is refused with a one-line error naming the recipe, before any weight is laid out.
 """
 
@@ -14,6 +14,7 @@ from typing import Any
 
 from actlab.errors import ConfigError
 from actlab.transforms.compose import members, validate
+from actlab.transforms.kv import KVRecipe
 from actlab.transforms.layers import LayerRecipe
 from actlab.transforms.quant import QuantRecipe
 from actlab.transforms.sparsity import MaskRule, SparsityRecipe
@@ -35,6 +36,7 @@ class EnginePlan:
     # (layer, "resid_in" | "resid_out") -> the edits applied to the residual stream there, in order
     resid_edits: dict[tuple[int, str], list[Any]] = field(default_factory=dict)
     quant: dict[str, dict[str, Any]] = field(default_factory=dict)  # projection key or "lm_head" -> recipe entry
+    kv: KVRecipe | None = None  # the KV recipe that evicts cached tokens (the engine's cache is then ragged)
 
     @classmethod
     def lower(cls, lm: Any, recipe: Any | None) -> EnginePlan:
@@ -60,6 +62,11 @@ class EnginePlan:
                     (plan.skip_attn if sub == "attn" else plan.skip_mlp).add(i)
             elif isinstance(part, InterventionRecipe):
                 plan.add_interventions(lm, part)
+            elif isinstance(part, KVRecipe):
+                if part.bits:
+                    raise ConfigError(f"the decode engine holds its KV cache in float32; {part.describe()} quantizes "
+                                      "it (KIVI), which runs through hooks in `actlab eval`")
+                plan.kv = part if part.evicts else None
             elif isinstance(part, QuantRecipe):
                 a8 = next((k for k, e in part.weights.items() if "act_bits" in e), None)
                 if a8 is not None:
@@ -68,7 +75,7 @@ class EnginePlan:
                 plan.quant.update(part.weights)
             else:
                 raise ConfigError(f"the decode engine cannot run {part.describe()} yet (it runs sparsity, layer, "
-                                  "quantization and intervention recipes); evaluate it through hooks with "
+                                  "quantization, intervention and KV eviction recipes); evaluate it through hooks with "
                                   "`actlab eval`")
         return plan
 

@@ -26,8 +26,9 @@ Dataset sources: `jsonl` (one JSON object per line); `lines` + `group` + `fields
 read transparently, every `group` lines one item); `labels` (a file with one label per line, added to each
 item as `label`); `hf: {path, name, split}` (a Hugging Face dataset, needs network and `datasets`);
 `corpus` (a corpus spec, for perplexity); `synthetic: {kind, length, items, seed, haystack}` (long-context
-retrieval generated with the model's tokenizer: synthetic.py; `NAME@LENGTH` sets the length). Paths may use ${tasks} (the task data folder: $ACTLAB_TASKS or
-shared/data/tasks) and are otherwise relative to the YAML file. The built-in tasks are the YAML files
+retrieval generated with the model's tokenizer: synthetic.py; `NAME@LENGTH` sets the length). Paths may use
+${tasks} (the task data folder: $ACTLAB_TASKS or shared/data/tasks) and are otherwise relative to the YAML file.
+The built-in tasks are the YAML files
 beside this module; any other task is a YAML file a user writes, with no code.
 """
 

@@ -145,7 +145,7 @@ class KVSession:
             allowed = self._allowed(mask, alive, heads, tq, tk, state.end)
             out = self._underlying(module, query, key, value, allowed, scaling, kwargs, per_head=True)
         if self.evict is not None:
-            self._compress(i, state, query, key, value, scaling, kwargs.get("softcap"))
+            self.compress_layer(i, state, query, key, value, scaling, kwargs.get("softcap"))
         if self.quant is not None:
             self._quantize(state, key, value)
         return out, None
@@ -195,7 +195,10 @@ class KVSession:
         return out.transpose(1, 2).contiguous()
 
     # -- eviction -------------------------------------------------------------------------------------------
-    def _compress(self, i: int, state: LayerCache, query, key, value, scaling, softcap) -> None:
+    def compress_layer(self, i: int, state: LayerCache, query, key, value, scaling, softcap) -> None:
+        """After layer i attended `query` [B, H, tq, D] over `key` / `value` [B, KV, tk, D] (positions up to
+        state.end): compress its cache if due (the decode engine calls this on its ragged cache laid out by
+        position)."""
         press, window, end = self.press, self.windows[i], state.end
         tq, tk = query.shape[2], key.shape[2]
         due = state.fresh or self.evict.phase == "decode" or _running.get()

@@ -1,0 +1,120 @@
+"""The decode engine's ragged KV cache: the kernel against attention over each head's rows written out, greedy
+tokens equal to the masked reference (HF under the recipe) on every engine architecture, and a cache that holds
+only what the budget keeps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import actlab
+from actlab.engine.decode import DecodeEngine
+from actlab.engine.kernels import TorchKernels, load_kernels
+from actlab.engine.reference import hf_generate, prompt_ids
+from actlab.errors import ConfigError
+from actlab.transforms import attach
+from actlab.transforms.base import NoCalibration
+from actlab.transforms.kv import KVRecipe, get_method
+from actlab.transforms.kv.budgets import pyramid
+
+KERNELS = [load_kernels(), TorchKernels()]
+
+
+@pytest.mark.parametrize("kernels", KERNELS, ids=["native", "torch"])
+@pytest.mark.parametrize("heads,kv,dim,window,rope,softcap", [
+    (4, 2, 16, 0, True, 0.0), (6, 3, 8, 5, True, 0.0), (8, 1, 32, 0, False, 30.0), (2, 2, 6, 3, False, 0.0)])
+def test_ragged_attention_attends_each_heads_own_rows(kernels, heads, kv, dim, window, rope, softcap):
+    g = torch.Generator().manual_seed(heads * 10 + kv)
+    lens = torch.tensor([3, 7, 1][:kv] + [4] * max(0, kv - 3), dtype=torch.long)
+    caps = lens + 2
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), caps.cumsum(0)[:-1]])
+    rows, pos = int(caps.sum()), 20
+    kc, vc = torch.randn(rows, dim, generator=g), torch.randn(rows, dim, generator=g)
+    positions = torch.full((rows,), -1, dtype=torch.long)
+    for h in range(kv):  # each head holds some earlier positions, not in order
+        held = torch.randperm(pos, generator=g)[: int(lens[h])]
+        positions[int(offsets[h]): int(offsets[h]) + int(lens[h])] = held
+    q, k, v = torch.randn(heads, dim, generator=g), torch.randn(kv, dim, generator=g), torch.randn(kv, dim, generator=g)
+    cos, sin = (torch.randn(dim, generator=g), torch.randn(dim, generator=g)) if rope else (torch.empty(0),) * 2
+    half = dim // 2
+    rot = (lambda x: x * cos + torch.cat((-x[:, half:], x[:, :half]), -1) * sin) if rope else (lambda x: x)
+    expected, written = [], {}
+    for h in range(kv):  # the brute force: the head's rows as a list, the new token in a stale row or appended
+        o, n = int(offsets[h]), int(lens[h])
+        rows_h = [(int(positions[o + t]), kc[o + t], vc[o + t]) for t in range(n)]
+        stale = [t for t, r in enumerate(rows_h) if window and pos - r[0] >= window]
+        new = (pos, rot(k)[h], v[h])
+        if stale:
+            rows_h[stale[0]] = new
+        else:
+            rows_h.append(new)
+        written[h] = rows_h
+    for hq in range(heads):
+        rows_h = [r for r in written[hq // (heads // kv)] if not window or pos - r[0] < window]
+        keys, values = torch.stack([r[1] for r in rows_h]), torch.stack([r[2] for r in rows_h])
+        scores = keys @ rot(q)[hq] * dim ** -0.5
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        expected.append(scores.softmax(0) @ values)
+    out = kernels.ragged_attention(q, k, v, kc, vc, positions, offsets, lens, caps, pos, window, cos, sin,
+                                   dim ** -0.5, softcap)
+    torch.testing.assert_close(out, torch.cat(expected), rtol=1e-4, atol=1e-5)
+    for h in range(kv):
+        o = int(offsets[h])
+        assert int(lens[h]) == len(written[h])
+        assert sorted(positions[o:o + int(lens[h])].tolist()) == sorted(r[0] for r in written[h])
+
+
+ARCHS = ["tiny-llama", "tiny-qwen2", "tiny-gemma3", "tiny-gemma2", "tiny-phi3", "tiny-gpt-neox", "tiny-gpt2"]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def tiny_lm(request):
+    return actlab.load_model(request.param)
+
+
+def recipes(lm):
+    ad = lm.adapter
+    make = lambda name, ratio, **p: get_method(name, **p).calibrate(NoCalibration(lm), ratio)  # noqa: E731
+    ratios = pyramid(ad.num_layers, ad.num_kv_heads, 0.6)
+    if ad.num_kv_heads > 1:  # one head of every layer keeps everything: budgets differ by head, not only by layer
+        ratios[:, -1] = 0.0
+    return {"snapkv": make("snapkv", 0.5, window=4), "pyramid-heads": KVRecipe(
+        "manual", lm.identity.to_dict(), ratio=0.6, press="knorm", head_ratios=ratios),
+        "h2o-decode": make("h2o", 0.5, phase="decode"), "tova-decode": make("tova", 0.75, phase="decode"),
+        "streaming-decode": make("streaming-llm", 0.5, phase="decode")}
+
+
+@pytest.mark.parametrize("name", ["snapkv", "pyramid-heads", "h2o-decode", "tova-decode", "streaming-decode"])
+def test_the_ragged_cache_gives_the_masked_references_greedy_tokens(tiny_lm, name):
+    recipe = recipes(tiny_lm)[name]
+    ids = prompt_ids(tiny_lm, 32)
+    with attach(tiny_lm, recipe):
+        reference = hf_generate(tiny_lm, ids, 24)
+    engine = DecodeEngine(tiny_lm, recipe, max_len=96)
+    assert engine.generate(ids, 24).tokens == reference
+    ad = tiny_lm.adapter
+    end = len(ids) + 23  # positions cached after the last step
+    full = sum(min(end, ad.sliding_window(layer) or end) for layer in ad.layers) * ad.num_kv_heads
+    held = engine.kv_cache_bytes(held=True) // (ad.head_dim * 4 * 2)
+    assert held < 0.9 * full  # the cache really holds less
+
+
+def test_the_ragged_cache_holds_only_what_the_budget_keeps(tiny_llama):
+    lm = tiny_llama
+    ids = prompt_ids(lm, 64)
+    dense = DecodeEngine(lm, max_len=80)
+    r = get_method("snapkv", window=8).calibrate(NoCalibration(lm), 0.75)
+    engine = DecodeEngine(lm, r, max_len=80)
+    engine.generate(ids, 8)
+    per_token = lm.adapter.head_dim * 4 * 2
+    layers, kv = lm.adapter.num_layers, lm.adapter.num_kv_heads
+    assert engine.kv_cache_bytes(held=True) == layers * kv * (int(64 * 0.25) + 7) * per_token
+    assert engine.kv_cache_bytes() == layers * kv * (int(64 * 0.25) + 80 - 64) * per_token  # room for the rest
+    assert dense.kv_cache_bytes() == layers * kv * 80 * per_token
+
+
+def test_the_engine_refuses_a_quantized_kv_cache_in_one_line(tiny_llama):
+    r = get_method("kivi", bits=4).calibrate(NoCalibration(tiny_llama), 0.0)
+    with pytest.raises(ConfigError, match="KIVI"):
+        DecodeEngine(tiny_llama, r)
