@@ -730,17 +730,38 @@ def bench_decode_cmd(
     reps: Annotated[int, typer.Option(min=1, help="repetitions (median reported)")] = 5,
     calib: Annotated[str | None, typer.Option(help="calibration corpus for --method")] = None,
     profile: Annotated[bool, typer.Option("--profile", help="also print where the sparse engine's time goes")] = False,
+    context: Annotated[str | None, typer.Option(help="with --recipe: decode at these context lengths (e.g. "
+                                                     "2048,4096,8192), the full cache against the recipe's")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Tokens/s of HF generate, the engine dense and the engine with the recipe (greedy, batch 1), one process.
+    """Tokens/s of HF generate, the engine dense and the engine with the recipe (greedy, batch 1), one process;
+    with --context, decode speed and KV-cache memory at long contexts, full cache against the recipe's.
 
     \b
     Examples:
       actlab bench decode --model smollm2-135m --sparsity 0.5
       actlab bench decode --recipe la50.json --json
+      actlab bench decode --recipe snap75.json --context 2048,4096,8192 --tokens 32 --reps 2
     """
-    from actlab.jobs.bench import bench_decode, profile_step
+    from actlab.errors import ConfigError
+    from actlab.jobs.bench import bench_context, bench_decode, profile_step
     from actlab.transforms import load_recipe
+
+    if context is not None:
+        if recipe is None:
+            raise ConfigError("--context compares the full cache with a recipe's: give --recipe (e.g. a KV recipe)")
+        try:
+            lengths = [int(c) for c in context.split(",") if c.strip()]
+        except ValueError as exc:
+            raise ConfigError(f"--context takes token counts separated by commas, got {context!r}") from exc
+        out = bench_context(model, recipe, lengths, tokens=tokens, reps=reps, log=_log)
+        lines = [f"{out['model']}, {out['recipe']}: decode tokens/s (median step of {out['tokens']} tokens x "
+                 f"{out['reps']}) and KV cache held"]
+        lines += [f"  context {r['context']:6d}: full {r['full_tok_s']:7.2f} tok/s {r['full_kv_mb']:8.1f} MB | recipe "
+                  f"{r['recipe_tok_s']:7.2f} tok/s {r['recipe_kv_mb']:8.1f} MB | {r['speedup']:.2f}x"
+                  for r in out["contexts"]]
+        _emit(out, as_json, "\n".join(lines))
+        return
 
     out = bench_decode(model, method=method, sparsity=sparsity, recipe_path=recipe, tokens=tokens, reps=reps,
                        calib=calib, log=_log)

@@ -118,3 +118,19 @@ def test_the_engine_refuses_a_quantized_kv_cache_in_one_line(tiny_llama):
     r = get_method("kivi", bits=4).calibrate(NoCalibration(tiny_llama), 0.0)
     with pytest.raises(ConfigError, match="KIVI"):
         DecodeEngine(tiny_llama, r)
+
+
+def test_bench_decode_at_long_contexts_reports_both_caches(tmp_path):
+    from actlab.jobs.bench import bench_context
+
+    lm = actlab.load_model("tiny-llama")
+    r = get_method("streaming-llm").calibrate(NoCalibration(lm), 0.75)
+    r.save(tmp_path / "s.json")
+    out = bench_context("tiny-llama", str(tmp_path / "s.json"), [64, 128], tokens=4, reps=1, log=lambda m: None)
+    per_token = lm.adapter.num_kv_heads * lm.adapter.head_dim * 8 * lm.adapter.num_layers
+    for row, context in zip(out["contexts"], (64, 128)):
+        assert row["full_kv_mb"] * 1e6 == (context + 3) * per_token  # every position the last step holds
+        assert row["recipe_kv_mb"] * 1e6 == (int(context * 0.25) + 3) * per_token
+        assert row["full_tok_s"] > 0 and row["recipe_tok_s"] > 0
+    with pytest.raises(ConfigError, match="context"):
+        bench_context("tiny-llama", str(tmp_path / "s.json"), [600], tokens=4, log=lambda m: None)

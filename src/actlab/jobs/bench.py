@@ -110,6 +110,76 @@ def bench_decode(model: str, method: str | None = None, sparsity: float = 0.5, r
     return result
 
 
+def long_prompt(lm: Any, length: int) -> list[int]:
+    """`length` tokens of the evaluation half of the built-in corpus (its text repeated if it is too short)."""
+    from actlab.data import load_corpus
+
+    text = load_corpus(None, role="eval").text
+    ids: list[int] = []
+    while len(ids) < length:
+        ids += lm.tokenizer(text[: max(4000, length * 8)], verbose=False)["input_ids"]
+    return ids[:length]
+
+
+def bench_context(model: str, recipe_path: str, contexts: list[int], tokens: int = 32, reps: int = 2,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Decode tokens/s and KV-cache bytes at long contexts, the engine with the full cache against the engine with
+    the recipe (a KV recipe's ragged cache), one process: per context, `reps` rounds of a prefill (not timed) and
+    `tokens` timed decode steps for each engine in turn; the median step."""
+    from actlab.engine.plan import EnginePlan
+    from actlab.threads import busy_cores
+
+    if reps < 1 or tokens < 2 or not contexts or min(contexts) < 2:
+        raise ConfigError("need at least 1 repetition, 2 tokens and contexts of at least 2 tokens")
+    recipe = load_recipe(recipe_path)
+    lm = load_model(model, log_fn=log)
+    lm.adapter.refuse_moe("the decode engine")
+    if lm.max_context and max(contexts) + tokens + 1 > lm.max_context:
+        raise ConfigError(f"--context {max(contexts)} and {tokens} new tokens exceed the model's context of "
+                          f"{lm.max_context}")
+    EnginePlan.lower(lm, recipe)
+    busy = busy_cores(0.5)
+    if busy is not None and busy > 0.5:
+        log(f"warning: {busy:.1f} of {os.cpu_count()} cores are busy with other work: these timings are not reliable")
+    rows = []
+    for context in contexts:
+        ids = long_prompt(lm, context)
+        engines = {"full": DecodeEngine(lm, max_len=context + tokens + 1),
+                   "recipe": DecodeEngine(lm, recipe, max_len=context + tokens + 1)}
+        steps: dict[str, list[float]] = {name: [] for name in engines}
+        outputs: dict[str, list[int]] = {}
+        for _ in range(reps):
+            for name, engine in engines.items():
+                token = engine.prefill(ids)
+                outputs[name] = [token]
+                for pos in range(context, context + tokens - 1):
+                    start = time.perf_counter()
+                    token = engine.step(token, pos)
+                    steps[name].append(time.perf_counter() - start)
+                    outputs[name].append(token)
+        per_token = lm.adapter.num_kv_heads * lm.adapter.head_dim * 4 * 2
+        row = {"context": context, "full_tok_s": 1 / statistics.median(steps["full"]),
+               "recipe_tok_s": 1 / statistics.median(steps["recipe"]),
+               "full_kv_mb": _held_kv_bytes(engines["full"], context + tokens - 1, per_token) / 1e6,
+               "recipe_kv_mb": engines["recipe"].kv_cache_bytes(held=True) / 1e6,
+               "recipe_kv_allocated_mb": engines["recipe"].kv_cache_bytes() / 1e6,
+               "same_tokens": outputs["full"] == outputs["recipe"]}
+        row["speedup"] = row["recipe_tok_s"] / row["full_tok_s"]
+        log(f"context {context}: full cache {row['full_tok_s']:.2f} tok/s ({row['full_kv_mb']:.1f} MB), "
+            f"{recipe.describe()} {row['recipe_tok_s']:.2f} tok/s ({row['recipe_kv_mb']:.1f} MB): "
+            f"{row['speedup']:.2f}x")
+        rows.append(row)
+        del engines
+    return {"model": lm.name, "recipe": recipe.describe(), "tokens": tokens, "reps": reps,
+            "threads": torch.get_num_threads(), "busy_cores_before": busy, "contexts": rows}
+
+
+def _held_kv_bytes(engine: DecodeEngine, end: int, per_token: int) -> int:
+    """What the dense engine's cache holds after `end` positions: every position of every layer with attention
+    (a sliding-window layer only its window)."""
+    return sum(min(end, layer.window or end) for layer in engine.layers if layer.attention) * per_token
+
+
 PREFILL_TOKENS = 512
 
 
