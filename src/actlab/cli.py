@@ -596,6 +596,8 @@ def kv_cmd(
     windows: HeldOutOpt = 0,
     chunk: Annotated[int, typer.Option(min=1, help="with --windows: tokens read per forward; the cache is held to "
                                                    "its budget after each")] = 64,
+    run: Annotated[str | None, typer.Option(help="a complete profile run of this model (methods that read head "
+                                                 "roles: headwise)")] = None,
     list_methods: Annotated[bool, typer.Option("--list-methods", help="list the methods and exit")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -608,6 +610,7 @@ def kv_cmd(
       actlab kv --method snapkv --ratio 0.5 --save snap50.json
       actlab kv --method h2o --ratio 0.75 --phase decode --windows 4 --eval wikitext2:test --save h2o75.json
       actlab kv --method pyramidkv --ratio 0.75 --bits 4 --save pyr75-int4.json
+      actlab kv --method headwise --ratio 0.75 --run runs/demo --save heads75.json
       actlab kv --list-methods
     """
     if list_methods:
@@ -623,7 +626,7 @@ def kv_cmd(
     name, params = parse_method(method)
     out = kv_job(model, save=save, method=name, ratio=ratio, params=params, phase=phase,
                  question_aware=question_aware, bits=bits, group=group, calib=calib, seq_len=seq_len,
-                 calib_windows=calib_windows, eval_data=eval_data, windows=windows, chunk=chunk, log=_log)
+                 calib_windows=calib_windows, eval_data=eval_data, windows=windows, chunk=chunk, run=run, log=_log)
     lines = [f"{out['recipe']} -> {save}", out["cost_line"]]
     if "ppl" in out:
         lines.append(f"ppl {out['dense_ppl']:.3f} full cache -> {out['ppl']:.3f} "

@@ -16,16 +16,29 @@ from actlab.transforms.compose import cost_of
 def kv_job(model: str, *, save: str, method: str, ratio: float = 0.0, params: dict[str, Any] | None = None,
            phase: str = "prefill", question_aware: bool = False, bits: int = 0, group: int = 32,
            calib: str | None = None, seq_len: int = 2048, calib_windows: int = 2, eval_data: str | None = None,
-           windows: int = 0, chunk: int = 64, log: Callable[[str], None] = print,
+           windows: int = 0, chunk: int = 64, run: str | None = None, log: Callable[[str], None] = print,
            progress: bool = True) -> dict[str, Any]:
     from actlab.transforms.kv import check_ratio, get_method
 
     check_ratio(ratio)
     chosen = get_method(method, phase=phase, question_aware=question_aware, bits=bits, group=group, **(params or {}))
     chosen.progress = progress
+    if run is not None and not chosen.needs_profile:
+        raise ConfigError(f"--run is for methods that read a profile (headwise); {method} does not")
+    if run is not None:
+        from actlab.jobs.profile import complete_run
+
+        complete_run(run)  # a missing or unfinished run fails before the model loads
     lm = setup.model(model, log)
     if not lm.adapter.num_kv_heads:
         raise ConfigError(f"{lm.name} has no KV cache to compress")
+    if run is not None:
+        from actlab.jobs.profile import run_of_model
+
+        profiled = run_of_model(run, lm, f"actlab kv --method {method}")
+        chosen.profile = {name: profiled.read_table(name) for name in ("head_roles", "heads")
+                          if (profiled.path / "tables" / f"{name}.parquet").is_file()}
+        chosen.profile_path = str(run)
     data = setup.calibration(lm, calib, seq_len, calib_windows) if chosen.calibrated else NoCalibration(lm)
     recipe = chosen.calibrate(data, ratio)
     validate(recipe, lm)

@@ -6,8 +6,10 @@ from __future__ import annotations
 from actlab.transforms.base import make_method
 from actlab.transforms.kv.base import CacheView, KVPress, check_ratio, keep_mask, kept_count, kept_indices
 from actlab.transforms.kv.h2o import H2O
+from actlab.transforms.kv.headwise import HeadWise
 from actlab.transforms.kv.kivi import KIVI
 from actlab.transforms.kv.knorm import KNorm
+from actlab.transforms.kv.loss_aware import LossAware
 from actlab.transforms.kv.method import KVMethod, PressMethod, press_method
 from actlab.transforms.kv.pyramidkv import PyramidKV
 from actlab.transforms.kv.recipe import KVRecipe
@@ -23,7 +25,7 @@ def get_press(name: str, **params) -> KVPress:
 
 
 METHODS: dict[str, type[KVMethod]] = {m.name: m for m in [*(press_method(p) for p in PRESSES.values()), PyramidKV,
-                                                           KIVI]}
+                                                           HeadWise, LossAware, KIVI]}
 
 
 def get_method(name: str, **params) -> KVMethod:

@@ -26,6 +26,7 @@ class KVMethod(Method):
     press: ClassVar[str]  # the press that scores tokens within the budgets
     budgets: ClassVar[str] = "uniform"  # how ratios differ by layer and head (for --list-methods)
     calibrated: ClassVar[bool] = False  # measures something on calibration data
+    needs_profile: ClassVar[bool] = False  # reads a profile run's tables (set as `profile` before calibrating)
     progress: bool = False
 
     def __init__(self, phase: str = "prefill", question_aware: bool = False, bits: int = 0, group: int = 32,
@@ -36,6 +37,11 @@ class KVMethod(Method):
 
     def params(self) -> dict[str, Any]:
         return {}
+
+    def make_press(self):
+        from actlab.transforms.kv import get_press
+
+        return get_press(self.press, **self.press_params)
 
     def recipe(self, lm: Any, target: float, head_ratios: torch.Tensor | None = None,
                calibration: dict[str, Any] | None = None) -> KVRecipe:

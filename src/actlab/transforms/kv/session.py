@@ -87,6 +87,7 @@ class KVSession:
         self.press = None
         self.ratios: torch.Tensor | None = None
         self.layers: dict[int, LayerCache] = {}
+        self.record: dict[int, tuple] | None = None  # set to a dict: each layer's attention inputs are kept there
         self.kept = self.full = 0  # cached tokens the queries could use, and would without compression
 
     @classmethod
@@ -135,7 +136,10 @@ class KVSession:
     # -- one attention call -------------------------------------------------------------------------------
     def attend(self, module, query, key, value, mask, scaling, kwargs):
         i = self.index[id(module)]
-        b, heads, tq, _ = query.shape
+        b, heads, tq, d = query.shape
+        if self.record is not None:
+            scale = scaling if scaling is not None else d ** -0.5
+            self.record[i] = (query.detach(), key.detach(), value.detach(), scale, kwargs.get("softcap"))
         tk = key.shape[2]
         state = self._advance(i, b, tq, tk, kwargs.get("position_ids"))
         alive = state.alive[..., state.end - tk:state.end]

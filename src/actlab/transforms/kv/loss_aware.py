@@ -1,0 +1,227 @@
+"""loss-aware KV budgets (actlab): each layer's and KV head's share of the cache from what evicting its tokens
+costs the calibration loss, estimated per head and per ratio, then allocated where it costs least.
+
+The scenario is the one KV compression serves: a context is read and compressed (query-agnostic: the press sees
+the context's own last queries), and the tokens after it attend to what is kept. On a calibration window the
+first `context` share is the context. For head h of layer l evicting at ratio r, the attention output of each
+query head q it serves changes by delta_{t,q} (recomputed exactly: the press's kept set, the model's queries,
+keys and values, causal and windowed); with g_{t,q} the gradient of the loss at that output (the o projection's
+input), the loss changes by
+
+    dL_h(r) ~ sum_t [ g_t . delta_t + 1/2 (g_t . delta_t)^2 ]
+
+whose first term has mean ~0 at a trained model, so the estimate is the empirical-Fisher term 1/2 sum_t
+(sum_q g_{t,q} . delta_{t,q})^2 (the same second-order reasoning as loss-aware sparsity, docs/loss-aware.md).
+Every head's estimates at the levels are made convex (the lower hull through r = 0); the allocation takes the
+cheapest hull segments, loss per token removed, until the ratios average the target (the last one partly).
+The recipe then records the calibration loss measured in the scenario, with these budgets and with the same
+ratio everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from actlab.errors import ConfigError
+from actlab.transforms.kv.base import ALL_QUERIES, CacheView, keep_mask
+from actlab.transforms.kv.budgets import keep_counts, visible_tokens
+from actlab.transforms.kv.method import OPTIONS, KVMethod
+
+LEVELS = (0.25, 0.5, 0.75, 0.875, 0.95)
+
+
+def head_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, context: int, press: Any,
+                levels: tuple[float, ...], scaling: float, softcap: float | None, window: int | None) -> torch.Tensor:
+    """[KV, levels]: the Fisher estimate of the loss change of evicting each KV head's context at each level.
+    q [H, T, D] (rotary applied), k / v [KV, T, D], grad [T, H, D] (dL / d attention output)."""
+    h, t, d = q.shape
+    kv = k.shape[0]
+    group = h // kv
+    qf, kf, vf = q.float(), k.float(), v.float()
+    queries = qf[:, context:]  # [H, Tq, D]
+    logits = torch.einsum("hqd,htd->hqt", queries, kf.repeat_interleave(group, 0)) * scaling
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    distance = torch.arange(context, t)[:, None] - torch.arange(t)[None]
+    hidden = (distance < 0) | ((distance >= window) if window is not None else False)
+    full = logits.masked_fill(hidden, float("-inf")).softmax(-1) @ vf.repeat_interleave(group, 0)
+    g = grad[context:].float().permute(1, 0, 2)  # [H, Tq, D]
+    visible = visible_tokens(context, window)
+    lo = context - visible
+    w = press.window if press.window != ALL_QUERIES else context
+    w = min(w, context)
+    view = CacheView(kf[None, :, lo:context], vf[None, :, lo:context], qf[None, :, context - w:context] if w else None,
+                     scaling, softcap, positions=torch.arange(lo, context), window=window)
+    out = torch.zeros(kv, len(levels), dtype=torch.float64)
+    for j, ratio in enumerate(levels):
+        keep = keep_counts(torch.full((kv,), ratio, dtype=torch.float64), visible)
+        w_level = min(w, int(keep.min()))
+        if w_level != w:
+            view.queries = qf[None, :, context - w_level:context] if w_level else None
+        kept = keep_mask(press.scores(view, keep), keep)[0]  # [KV, visible]
+        evicted = torch.zeros(kv, t, dtype=torch.bool)
+        evicted[:, lo:context] = ~kept
+        masked = logits.masked_fill(hidden | evicted.repeat_interleave(group, 0)[:, None, :], float("-inf"))
+        delta = masked.softmax(-1) @ vf.repeat_interleave(group, 0) - full  # [H, Tq, D]
+        first = (g * delta).sum(-1).view(kv, group, -1).sum(1)  # [KV, Tq]: g . delta over each head's group
+        out[:, j] = 0.5 * first.double().pow(2).sum(-1)
+    return out
+
+
+def allocate(errors: torch.Tensor, levels: tuple[float, ...], target: float) -> torch.Tensor:
+    """Ratios [heads] averaging `target` from each head's estimated loss at `levels` (errors [heads, levels]): the
+    cheapest segments of the heads' lower convex hulls (loss per ratio removed) first, the last one in part."""
+    n = errors.shape[0]
+    segments = []  # (slope, head, from ratio, to ratio)
+    for head in range(n):
+        points = [(0.0, 0.0)] + [(r, float(e)) for r, e in zip(levels, errors[head])]
+        hull = [points[0]]
+        for p in points[1:]:
+            while len(hull) >= 2 and _cross(hull[-2], hull[-1], p) <= 0:
+                hull.pop()
+            hull.append(p)
+        for (r0, e0), (r1, e1) in zip(hull, hull[1:]):
+            segments.append(((e1 - e0) / (r1 - r0), head, r0, r1))
+    segments.sort(key=lambda s: (s[0], s[1], s[2]))
+    ratios = torch.zeros(n, dtype=torch.float64)
+    need = target * n
+    for _, head, r0, r1 in segments:  # per head the segments come in order (convex: rising slopes)
+        if need <= 1e-12:
+            break
+        step = min(r1 - r0, need)
+        ratios[head] = r0 + step
+        need -= step
+    if need > 1e-9:
+        raise ConfigError(f"loss-aware: the levels reach at most {max(levels):g} per head; {target:g} needs more")
+    return ratios
+
+
+def _cross(a, b, c) -> float:
+    return (b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0])
+
+
+class LossAware(KVMethod):
+    name = "loss-aware"
+    paper = "actlab (docs/kv.md)"
+    budgets = "per layer and head, by the calibration loss each ratio costs"
+    calibrated = True
+    press = "snapkv"  # the default; `press=` picks another
+
+    def __init__(self, press: str = "snapkv", context: float = 0.5, levels: tuple[float, ...] | list = LEVELS,
+                 **params: Any):
+        from actlab.transforms.kv import PRESSES
+
+        options = {k: params.pop(k) for k in OPTIONS if k in params}
+        if press not in PRESSES:
+            raise ConfigError(f"loss-aware: press must be one of {', '.join(PRESSES)}, got {press!r}")
+        self.press = press
+        super().__init__(press_params=params, **options)
+        if isinstance(context, bool) or not isinstance(context, (int, float)) or not 0 < context < 1:
+            raise ConfigError(f"loss-aware: context is the share of a calibration window compressed, in (0, 1); "
+                              f"got {context!r}")
+        levels = tuple(float(x) for x in (levels if isinstance(levels, (list, tuple)) else [levels]))
+        if not levels or any(not 0 < x < 1 for x in levels) or list(levels) != sorted(set(levels)):
+            raise ConfigError(f"loss-aware: levels must rise within (0, 1), got {levels!r}")
+        self.context, self.levels = float(context), levels
+
+    def params(self) -> dict[str, Any]:
+        return {"context": self.context, "levels": list(self.levels)}
+
+    def calibrate(self, calib: Any, target: float):
+        from actlab.progress import status
+
+        lm = calib.lm
+        ad = lm.adapter
+        press = self.make_press()
+        t = calib.windows.shape[1]
+        context = int(t * self.context)
+        if not 1 <= context < t:
+            raise ConfigError(f"loss-aware: calibration windows of {t} tokens leave no context to compress")
+        errors = torch.zeros(ad.num_layers, ad.num_kv_heads, len(self.levels), dtype=torch.float64)
+        for n, window in enumerate(calib.windows):
+            if self.progress:
+                status(f"loss-aware KV budgets: window {n + 1}/{len(calib.windows)} (forward, backward, "
+                       f"{len(self.levels)} levels x {ad.num_layers} layers)")
+            record, grads = attention_and_gradients(lm, window[None])
+            for i, layer in enumerate(ad.layers):
+                q, k, v, scaling, softcap = record[i]
+                grad = grads[i].view(t, ad.num_heads, ad.head_dim)
+                errors[i] += head_errors(q[0], k[0], v[0], grad, context, press, self.levels, scaling, softcap,
+                                         ad.sliding_window(layer))
+        errors /= len(calib.windows)
+        ratios = allocate(errors.view(-1, len(self.levels)), self.levels, target).view(ad.num_layers, -1)
+        recipe = self.recipe(lm, target, ratios, {**calib.describe(), "context_tokens": context,
+                                                  "levels": list(self.levels),
+                                                  "estimated_loss": errors.tolist()})
+        uniform = self.recipe(lm, target)
+        recipe.calibration["measured_loss"] = {"dense": scenario_loss(lm, calib.windows, None, context),
+                                               "uniform": scenario_loss(lm, calib.windows, uniform, context),
+                                               "loss-aware": scenario_loss(lm, calib.windows, recipe, context)}
+        return recipe
+
+
+def attention_and_gradients(lm: Any, ids: torch.Tensor) -> tuple[dict[int, tuple], dict[int, torch.Tensor]]:
+    """One forward and backward of `ids`: each layer's attention inputs (queries, keys, values as the attention
+    saw them, its scale and soft-cap) and the loss gradient at its output (the o projection's input, [T, H*D])."""
+    import contextlib
+
+    from actlab.transforms.kv.session import KVSession
+
+    ad = lm.adapter
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def keep(i):
+        def hook(module, args):
+            x = args[0]
+            if x.requires_grad:
+                x.retain_grad()
+            captured[i] = x
+        return hook
+
+    def trace(module, args, out):  # the graph starts at the embeddings (the weights stay frozen)
+        return out.requires_grad_()
+
+    with contextlib.ExitStack() as stack:
+        session = KVSession.attached(lm, stack)
+        session.record = {}
+        for layer in ad.layers:
+            handles.append(layer.linears["o"].module.register_forward_pre_hook(keep(layer.index)))
+        handles.append(ad.embed.register_forward_hook(trace))
+        stack.callback(lambda: [h.remove() for h in handles])
+        with torch.enable_grad():
+            logits = lm.model(input_ids=ids.to(lm.device)).logits
+            loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:].to(lm.device))
+            loss.backward()
+        record = session.record
+    grads = {i: x.grad[0].detach() if x.grad is not None else torch.zeros_like(x[0]) for i, x in captured.items()}
+    return record, grads
+
+
+@torch.no_grad()
+def scenario_loss(lm: Any, windows: torch.Tensor, recipe: Any, context: int) -> float:
+    """Mean NLL of the tokens after the first `context` of each window, the context read (and compressed by
+    `recipe`) in one forward and the rest in another through its cache."""
+    from actlab.models.compat import output_cache, with_cache
+    from actlab.transforms import attach
+
+    total, count = 0.0, 0
+    with (attach(lm, recipe) if recipe is not None else _nothing()):
+        for window in windows:
+            ids = window[None].to(lm.device)
+            first = lm.model(input_ids=ids[:, :context], use_cache=True, logits_to_keep=1)
+            rest = lm.model(input_ids=ids[:, context:-1], **with_cache(lm.model, output_cache(first)), use_cache=True)
+            logits = torch.cat([first.logits[:, -1:], rest.logits], 1)[0].float()
+            total += float(F.cross_entropy(logits, ids[0, context:], reduction="sum"))
+            count += ids.shape[1] - context
+    return total / count if count else math.nan
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
