@@ -44,14 +44,14 @@ def brute_force(name, view, keep):
                 kept[b, kv] = sorted(set(range(4)) | set(range(T - (keep - 4), T)))
             elif name == "knorm":
                 kept[b, kv] = top([-float(view.keys[b, kv, t].norm()) for t in range(T)], keep)
-            elif name == "tova":
-                row = attention_row(view, b, kv, T - 1).tolist()
+            elif name == "tova":  # every head of the layer: the same tokens
+                row = (sum(attention_row(view, b, k, T - 1) for k in range(KV)) / KV).tolist()
                 row[-1] = math.inf
                 kept[b, kv] = top(row, keep)
             elif name == "snapkv":
                 w = 64 if T >= 64 else 16
                 mass = sum(attention_row(view, b, kv, p) for p in range(T - w, T)) / w
-                pooled = [float(mass[max(0, t - 2): t + 3].mean()) for t in range(T)]
+                pooled = [float(mass[max(0, t - 2): min(t + 3, T - w)].sum()) / 5 for t in range(T)]  # zero-padded
                 kept[b, kv] = top([math.inf if t >= T - w else pooled[t] for t in range(T)], keep)
             elif name == "h2o":
                 acc = sum(attention_row(view, b, kv, p) for p in range(T)).tolist()

@@ -59,15 +59,16 @@ def expected_kept(name, lm, ids, keep):
                 scores = [math.inf if p < 4 else p for p in range(t)]
             elif name == "knorm":
                 scores = [-float(cache.layers[i].keys[0, kv, p].norm()) for p in range(t)]
-            elif name == "tova":
-                scores = rows[-1].tolist()
+            elif name == "tova":  # the layer's every head
+                scores = (probs[:, -1].mean(0)).tolist()
                 scores[-1] = math.inf
             elif name == "h2o":
                 acc = rows.sum(0).tolist()
                 scores = [math.inf if p >= t - keep // 2 else acc[p] for p in range(t)]
             elif name == "snapkv":
                 mass = rows[-8:].mean(0)
-                scores = [math.inf if p >= t - 8 else float(mass[max(0, p - 2): p + 3].mean()) for p in range(t)]
+                scores = [math.inf if p >= t - 8 else float(mass[max(0, p - 2): min(p + 3, t - 8)].sum()) / 5
+                          for p in range(t)]
             out[i, kv] = top(scores, keep)
     return out
 

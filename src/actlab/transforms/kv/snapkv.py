@@ -1,7 +1,8 @@
 """SnapKV (Li et al. 2024, "SnapKV: LLM Knows What You are Looking for Before Generation"): the attention the
 last `window` prompt positions pay to each earlier key, averaged over the window and the query heads of a KV
-head and smoothed by a 1-D average pool (clusters of neighbouring tokens stay together); the window itself is
-always kept."""
+head and smoothed by a 1-D average pool over the keys before the window (zero-padded at its ends, as the
+paper's code and kvpress pool; clusters of neighbouring tokens stay together); the window itself is always
+kept."""
 
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ class SnapKV(KVPress):
     def score(self, view: CacheView, keep: int) -> torch.Tensor:
         probs = window_attention(view)  # [B, KV, W, T]
         b, kv, w, t = probs.shape
-        mass = probs.mean(2)  # [B, KV, T]
-        pooled = F.avg_pool1d(mass.reshape(b * kv, 1, t), self.kernel, stride=1, padding=self.kernel // 2,
-                              count_include_pad=False).reshape(b, kv, t)
-        pooled[..., view.token_positions() >= view.query_positions()[0]] = float("inf")  # the window stays
-        return pooled
+        before = int((view.token_positions() < view.query_positions()[0]).sum())  # positions rise: a prefix
+        window = torch.full((b, kv, t - before), float("inf"), device=probs.device)  # the window stays
+        if not before:
+            return window
+        mass = probs.mean(2)[..., :before]  # [B, KV, before]
+        pooled = F.avg_pool1d(mass.reshape(b * kv, 1, before), self.kernel, stride=1, padding=self.kernel // 2)
+        return torch.cat([pooled.reshape(b, kv, before), window], -1)
