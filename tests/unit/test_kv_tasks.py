@@ -81,3 +81,33 @@ def test_query_agnostic_recipes_compress_after_the_document_and_question_aware_o
             ref = score_continuations(lm, context, continuations, None if aware else split)
         with attach(lm, r):
             assert score_item(lm, item)[0].loglikelihood == pytest.approx(ref[0].loglikelihood, abs=1e-5)
+
+
+def test_documents_read_once_for_many_kv_recipes_score_as_each_recipe_alone(tiny_llama, monkeypatch):
+    from actlab.eval.harness import DENSE, Column, evaluate
+    from actlab.transforms import compose
+    from actlab.transforms.layers import LayerRecipe
+
+    lm = tiny_llama
+    spec = load_task("niah_single@480")
+    spec.dataset.synthetic = {**spec.dataset.synthetic, "haystack": "python-docs"}
+    make = lambda name, ratio, **p: get_method(name, **p).calibrate(NoCalibration(lm), ratio)  # noqa: E731
+    recipes = {"snap": make("snapkv", 0.5, window=8), "h2o": make("h2o", 0.75, phase="decode"),
+               "int4": make("kivi", 0.0, bits=4, group=16),
+               "pyr+int8": compose(make("pyramidkv", 0.875, window=8), make("kivi", 0.0, bits=8)),
+               "aware": make("tova", 0.5, question_aware=True),
+               "layer": LayerRecipe("manual", lm.identity.to_dict(), ["L1.attn"])}
+    from actlab.eval import shared
+
+    read, original = [], shared.score_shared
+    monkeypatch.setattr(shared, "score_shared", lambda lm, item, rs: read.append(len(rs)) or original(lm, item, rs))
+    together = evaluate(lm, [spec], [Column(DENSE)] + [Column(n, r) for n, r in recipes.items()], limit=3,
+                        progress=False, log=lambda m: None)
+    monkeypatch.undo()
+    assert read == [5, 5, 5]  # dense and the four KV columns that compress after the document, per item
+    for col in together.columns:
+        alone = evaluate(lm, [spec], [Column(col.name, col.recipe)], limit=3, progress=False, log=lambda m: None)
+        mine, ref = col.results[spec.task].records, alone.columns[0].results[spec.task].records
+        assert [r["acc"] for r in mine] == [r["acc"] for r in ref], col.name
+        assert [r["loglikelihoods"][0] for r in mine] == pytest.approx([r["loglikelihoods"][0] for r in ref], abs=1e-4)
+    assert together.columns[1].measured["kv_kept_fraction"] < 0.75

@@ -137,7 +137,7 @@ def evaluate(lm: Any, tasks: list[TaskSpec], columns: list[Column], limit: int |
     and every rank gets all per-item records, in item order; `on_result` runs on rank 0 only. A recipe's
     `measured` summary (e.g. achieved sparsity) is rank 0's, over the items it ran."""
     world = world or World()
-    from actlab.transforms.compose import attach, cost_of, validate
+    from actlab.transforms.compose import cost_of, validate
 
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {limit}")
@@ -147,27 +147,37 @@ def evaluate(lm: Any, tasks: list[TaskSpec], columns: list[Column], limit: int |
     prepared = {spec.task: (spec, _prepare(lm, spec, limit)) for spec in tasks}
     for col in columns:
         col.cost = cost_of(lm, col.recipe).to_dict()
+    resumed = {col.name: set(col.results) for col in columns}
+    _run_shared_documents(lm, prepared, columns, progress and world.main, log, on_result, world)
+    for col in columns:
         todo = [name for name in prepared if name not in col.results]
         for name in prepared:
-            if name not in todo:
+            if name in resumed[col.name]:
                 log(f"{col.name}: {name} kept from the interrupted run")
-        if not todo:
-            continue
-        with contextlib.ExitStack() as stack:
-            attached = stack.enter_context(attach(lm, col.recipe)) if col.recipe is not None else None
-            for name in todo:
-                spec, data = prepared[name]
-                start = time.perf_counter()
-                result = _run(lm, spec, data, f"{col.name}: {name}", progress and world.main, world)
-                result.seconds = time.perf_counter() - start
-                col.results[name] = result
-                log(f"{col.name}: {name} " + ", ".join(f"{m} {v:.4f}" for m, (v, _) in result.metrics.items()))
-                if attached is not None:
-                    col.measured = attached.summary(lm)  # over the tasks this process ran
-                if on_result is not None and world.main:
-                    on_result(col, result)
+        if todo:
+            _run_column(lm, col, todo, prepared, progress and world.main, log, on_result, world)
         col.results = {name: col.results[name] for name in prepared}  # the tasks' order, whatever ran first
     return Evaluation(lm.identity.to_dict(), limit, columns, list(lm.provenance.get("warnings", [])))
+
+
+def _run_column(lm: Any, col: Column, todo: list[str], prepared: dict[str, tuple[TaskSpec, Any]], progress: bool,
+                log, on_result, world: World) -> None:
+    """The tasks `todo` for one column, its recipe attached once."""
+    from actlab.transforms.compose import attach
+
+    with contextlib.ExitStack() as stack:
+        attached = stack.enter_context(attach(lm, col.recipe)) if col.recipe is not None else None
+        for name in todo:
+            spec, data = prepared[name]
+            start = time.perf_counter()
+            result = _run(lm, spec, data, f"{col.name}: {name}", progress, world)
+            result.seconds = time.perf_counter() - start
+            col.results[name] = result
+            log(f"{col.name}: {name} " + ", ".join(f"{m} {v:.4f}" for m, (v, _) in result.metrics.items()))
+            if attached is not None:
+                col.measured = {**col.measured, **attached.summary(lm)}  # over the tasks this process ran
+            if on_result is not None and world.main:
+                on_result(col, result)
 
 
 def _prepare(lm: Any, spec: TaskSpec, limit: int | None):
@@ -197,6 +207,10 @@ def _run(lm: Any, spec: TaskSpec, data: Any, description: str, progress: bool,
     local = [_record(spec, item, score_item(lm, item))
              for item in track(data[mine.start:mine.stop], total=len(mine), description=description, enabled=progress)]
     records = [r for part in all_gather(local, world) for r in part]
+    return _result(spec, records, len(data))
+
+
+def _result(spec: TaskSpec, records: list[dict[str, Any]], n: int) -> TaskResult:
     per_item = {m: [float(r[m]) for r in records] for m in spec.metrics if m != "perplexity"}
     out = {m: M.mean_stderr(v) for m, v in per_item.items()}
     if "perplexity" in spec.metrics:
@@ -204,7 +218,39 @@ def _run(lm: Any, spec: TaskSpec, data: Any, description: str, progress: bool,
         per_item["perplexity"] = [-x for x in lls]  # paired differences of NLL
         out["perplexity"] = M.perplexity_of_loglikelihoods(lls)
     ordered = {m: out[m] for m in spec.metrics}
-    return TaskResult(spec.task, spec.output_type, spec.version, len(data), ordered, per_item, records)
+    return TaskResult(spec.task, spec.output_type, spec.version, n, ordered, per_item, records)
+
+
+def _run_shared_documents(lm: Any, prepared: dict[str, tuple[TaskSpec, Any]], columns: list[Column], progress: bool,
+                          log, on_result, world: World) -> None:
+    """Tasks with a question after each document, for the columns whose document forward is the dense model's
+    (no recipe, or KV recipes only): each document read once for all of them (eval/shared.py)."""
+    from actlab.eval.shared import score_shared, shareable
+
+    for name, (spec, data) in prepared.items():
+        cols = [c for c in columns if name not in c.results and shareable(c.recipe)]
+        if spec.doc_to_question is None or len(cols) < 2:
+            continue
+        start = time.perf_counter()
+        mine = shard(len(data), world)
+        local: dict[str, list[dict[str, Any]]] = {c.name: [] for c in cols}
+        held = {c.name: [0, 0] for c in cols}
+        description = f"{name}: {len(cols)} columns, each document read once"
+        for item in track(data[mine.start:mine.stop], total=len(mine), description=description, enabled=progress):
+            scores, kept = score_shared(lm, item, [c.recipe for c in cols])
+            for col, score, (k, f) in zip(cols, scores, kept):
+                local[col.name].append(_record(spec, item, score))
+                held[col.name][0] += k
+                held[col.name][1] += f
+        for col in cols:
+            result = _result(spec, [r for part in all_gather(local[col.name], world) for r in part], len(data))
+            result.seconds = (time.perf_counter() - start) / len(cols)
+            col.results[name] = result
+            if held[col.name][1]:
+                col.measured = {**col.measured, "kv_kept_fraction": held[col.name][0] / held[col.name][1]}
+            log(f"{col.name}: {name} " + ", ".join(f"{m} {v:.4f}" for m, (v, _) in result.metrics.items()))
+            if on_result is not None and world.main:
+                on_result(col, result)
 
 
 def _record(spec: TaskSpec, item: Item, scores) -> dict[str, Any]:

@@ -51,6 +51,19 @@ def encode_shared(tokenizer, context: str, continuations: tuple[str, ...]) -> tu
     return pairs[0][0], [p[1] for p in pairs]
 
 
+def fit_context(lm, context: list[int], continuations: list[list[int]],
+                split: int | None = None) -> tuple[list[int], int | None]:
+    """The context lm-eval scores (its last tokens, where it and the longest continuation exceed the model's
+    context) and where its question starts among them (None: no split)."""
+    limit = lm.max_context
+    if limit and len(context) + max(len(c) for c in continuations) > limit:  # lm-eval keeps the last tokens
+        keep = limit - max(len(c) for c in continuations)
+        if split is not None:
+            split -= len(context) - max(1, keep)
+        context = context[-max(1, keep):]
+    return context, (split if split is not None and 0 < split < len(context) else None)
+
+
 @torch.no_grad()
 def score_continuations(lm, context: list[int], continuations: list[list[int]],
                         split: int | None = None) -> list[Score]:
@@ -58,19 +71,22 @@ def score_continuations(lm, context: list[int], continuations: list[list[int]],
     runs as two forwards - its first `split` tokens (a document: where a KV recipe compresses the cache), then the
     rest (the question) - which is what one forward computes unless the cache is transformed in between."""
     model, device = lm.model, lm.device
-    limit = lm.max_context
-    if limit and len(context) + max(len(c) for c in continuations) > limit:  # lm-eval keeps the last tokens
-        keep = limit - max(len(c) for c in continuations)
-        if split is not None:
-            split -= len(context) - max(1, keep)
-        context = context[-max(1, keep):]
+    context, split = fit_context(lm, context, continuations, split)
     ids = torch.tensor([context], device=device)
-    if split is not None and 0 < split < len(context):
+    if split is not None:
         document = model(input_ids=ids[:, :split], use_cache=True, logits_to_keep=1)
-        out = model(input_ids=ids[:, split:], **with_cache(model, output_cache(document)), use_cache=True,
-                    logits_to_keep=1)
-    else:
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        return score_after(lm, read_rest(lm, ids[:, split:], output_cache(document)), continuations)
+    return score_after(lm, model(input_ids=ids, use_cache=True, logits_to_keep=1), continuations)
+
+
+def read_rest(lm, ids: torch.Tensor, cache):
+    """The rest of a context (its question) after the cache of its beginning."""
+    return lm.model(input_ids=ids, **with_cache(lm.model, cache), use_cache=True, logits_to_keep=1)
+
+
+def score_after(lm, out, continuations: list[list[int]]) -> list[Score]:
+    """The continuations' scores given the forward `out` that ended with the context (its last logits, its cache)."""
+    model, device = lm.model, lm.device
     first = F.log_softmax(out.logits[0, -1].float(), dim=-1)
     sums = [float(first[c[0]]) if c else 0.0 for c in continuations]
     greedy = [bool(int(first.argmax()) == c[0]) if c else True for c in continuations]

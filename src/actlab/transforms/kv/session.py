@@ -154,6 +154,18 @@ class KVSession:
             self._quantize(state, key, value)
         return out, None
 
+    def replay(self, record: dict[int, tuple], cache: Any) -> None:
+        """What `attend` does at the end of a sequence's first forward - the fresh state, its compression, the
+        quantization of the cache - from that forward's recorded attention inputs (`record`: a session's `record`
+        of the dense model reading the document), applied to `cache`, a copy of that forward's cache."""
+        for i, (query, key, value, scaling, softcap) in record.items():
+            state = self._advance(i, query.shape[0], query.shape[2], key.shape[2], None)
+            if self.evict is not None:
+                self.compress_layer(i, state, query, key, value, scaling, softcap)
+            if self.quant is not None:
+                entry = cache.layers[i]
+                self._quantize(state, entry.keys, entry.values)
+
     def _advance(self, i: int, rows: int, tq: int, tk: int, position_ids) -> LayerCache:
         """The layer's state with this forward's positions added (a new sequence when the cache was empty)."""
         kv = self.lm.adapter.num_kv_heads
