@@ -55,7 +55,7 @@ def score_shared(lm: Any, item: Any, recipes: list[Any]) -> tuple[list[list[Scor
         document = lm.model(input_ids=ids[:, :split], use_cache=True, logits_to_keep=1)
         record = recorder.record
     cache = output_cache(document)
-    scores, held = [], []
+    scores, held, memo = [], [], {}
     for recipe in recipes:
         mine = copy.deepcopy(cache)
         with contextlib.ExitStack() as stack:
@@ -63,7 +63,7 @@ def score_shared(lm: Any, item: Any, recipes: list[Any]) -> tuple[list[list[Scor
             if recipe is not None:
                 stack.enter_context(attach(lm, recipe))
                 session = KVSession.attached(lm, stack)
-                session.replay(record, mine)
+                session.replay(record, mine, memo)
             scores.append(score_after(lm, read_rest(lm, ids[:, split:], mine), continuations))
             held.append((session.kept, session.full) if session is not None else (0, 0))
     return scores, held

@@ -88,6 +88,7 @@ class KVSession:
         self.ratios: torch.Tensor | None = None
         self.layers: dict[int, LayerCache] = {}
         self.record: dict[int, tuple] | None = None  # set to a dict: each layer's attention inputs are kept there
+        self.memo: dict | None = None  # while replaying: results every replay of one record shares
         self.kept = self.full = 0  # cached tokens the queries could use, and would without compression
 
     @classmethod
@@ -154,10 +155,12 @@ class KVSession:
             self._quantize(state, key, value)
         return out, None
 
-    def replay(self, record: dict[int, tuple], cache: Any) -> None:
+    def replay(self, record: dict[int, tuple], cache: Any, memo: dict | None = None) -> None:
         """What `attend` does at the end of a sequence's first forward - the fresh state, its compression, the
         quantization of the cache - from that forward's recorded attention inputs (`record`: a session's `record`
-        of the dense model reading the document), applied to `cache`, a copy of that forward's cache."""
+        of the dense model reading the document), applied to `cache`, a copy of that forward's cache. `memo` keeps
+        what every replay of this record computes alike (H2O's attention over the whole document) for the next."""
+        self.memo = memo
         for i, (query, key, value, scaling, softcap) in record.items():
             state = self._advance(i, query.shape[0], query.shape[2], key.shape[2], None)
             if self.evict is not None:
@@ -165,6 +168,7 @@ class KVSession:
             if self.quant is not None:
                 entry = cache.layers[i]
                 self._quantize(state, entry.keys, entry.values)
+        self.memo = None
 
     def _advance(self, i: int, rows: int, tq: int, tk: int, position_ids) -> LayerCache:
         """The layer's state with this forward's positions added (a new sequence when the cache was empty)."""
@@ -219,7 +223,7 @@ class KVSession:
         tq, tk = query.shape[2], key.shape[2]
         due = state.fresh or self.evict.phase == "decode" or _running.get()
         if press.accumulates and due:  # every forward whose attention a later compression reads
-            self._accumulate(state, query, key, scaling, softcap, window)
+            self._accumulate(i, state, query, key, scaling, softcap, window)
         visible = visible_tokens(end, window)
         if due and visible:
             keep = keep_counts(self.ratios[i], visible)
@@ -241,14 +245,19 @@ class KVSession:
         self.kept += int(held.sum()) * (query.shape[0] // held.shape[0])
         self.full += visible * key.shape[1] * query.shape[0]
 
-    def _accumulate(self, state: LayerCache, query, key, scaling, softcap, window) -> None:
+    def _accumulate(self, i: int, state: LayerCache, query, key, scaling, softcap, window) -> None:
         """Add the attention this forward's queries paid to each cached token (H2O's running score)."""
         tq, tk, end = query.shape[2], key.shape[2], state.end
         if state.accumulated is None:
             state.accumulated = torch.zeros(state.alive.shape[0], key.shape[1], end)
         view = CacheView(key, key, None, scaling, softcap, positions=torch.arange(end - tk, end),
                          alive=state.alive[..., end - tk:end], window=window)
-        received = received_attention(view, query, torch.arange(end - tq, end)).float()
+        if self.memo is not None and state.fresh:  # a replayed first forward: every cached token alive, shared
+            if ("received", i) not in self.memo:
+                self.memo["received", i] = received_attention(view, query, torch.arange(end - tq, end)).float()
+            received = self.memo["received", i]
+        else:
+            received = received_attention(view, query, torch.arange(end - tq, end)).float()
         if state.accumulated.shape[0] != received.shape[0]:
             state.accumulated = state.accumulated.expand(received.shape[0], -1, -1).clone()
         state.accumulated[..., end - tk:end] += received
