@@ -21,8 +21,8 @@ from ..conftest import shared_data
 
 ROOT = Path(__file__).resolve().parents[2]
 TAKES_MODEL = {"ppl", "profile", "sparsify", "sparsity-at-ppl", "eval", "export", "bench", "layers", "steer", "patch",
-               "ablate", "quant"}
-SEQ_LEN = {"ppl", "profile", "sparsify", "sparsity-at-ppl", "layers", "ablate", "quant"}
+               "ablate", "quant", "kv"}
+SEQ_LEN = {"ppl", "profile", "sparsify", "sparsity-at-ppl", "layers", "ablate", "quant", "kv"}
 TINY = {"smollm2-135m": "tiny-llama", "gemma3-270m": "tiny-gemma3"}
 
 
@@ -61,6 +61,8 @@ def scaled(command: str) -> list[str]:
             out += [arg, "ioi.jsonl"]
         elif arg == "--group":  # the tiny models' widths (64, 160) are multiples of 32, not of 64
             out += [arg, "32"]
+        elif arg == "--context":  # the tiny models hold 512 positions
+            out += [arg, "128,256"]
         elif arg in ("--remove", "--part"):
             out += [arg, re.sub(r"L(\d+)", lambda m: f"L{int(m.group(1)) % 3}", value)]
         elif arg in ("--data", "--calib", "--eval") and value and value.startswith("../shared/"):
@@ -80,7 +82,7 @@ def scaled(command: str) -> list[str]:
         out += ["--windows", "2", "--calib-windows", "8"] if "--windows" not in out else []
     if sub == "layers" and ("--method" in out or "--importance" in out):
         out += ["--calib-windows", "8"]
-    if sub == "quant" and "--list-methods" not in out:
+    if sub in ("quant", "kv") and "--list-methods" not in out:
         out += ["--calib-windows", "8"]
     if sub == "sparsity-at-ppl":
         out += ["--steps", "2"]
