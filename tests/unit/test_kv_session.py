@@ -259,6 +259,14 @@ def test_bad_kv_input_is_a_one_line_error(tiny_llama):
         KVRecipe("manual", {}, ratio=0.5, head_ratios=torch.ones(3, 2))
     with pytest.raises(ConfigError, match="kivi"):
         get_method("kivi", bits=0)
+    from actlab.transforms.layers import LayerRecipe
+
+    no_attention = LayerRecipe("manual", lm.identity.to_dict(), [f"L{i}.attn" for i in range(lm.adapter.num_layers)])
+    with pytest.raises(ConfigError, match="no KV cache left"):
+        with attach(lm, compose(no_attention, recipe(lm, "knorm"))):
+            pass
+    with attach(lm, compose(LayerRecipe("manual", lm.identity.to_dict(), ["L1.attn"]), recipe(lm, "knorm"))):
+        lm.model(prompt(lm), use_cache=True)  # attention left in other layers: their cache is compressed
 
 
 def test_a_kv_recipe_saves_loads_and_costs(tiny_llama, tmp_path):

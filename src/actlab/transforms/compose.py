@@ -117,6 +117,12 @@ def validate(recipe: Recipe, lm: Any) -> None:
         if hit is not None and removed[hit] != c.owner:
             raise ConfigError(f"{c.owner} changes {c.target}, but {removed[hit]} removes {hit}: a rule on a dropped "
                               "layer cannot apply")
+    cache_users = [c.owner for c in claims if c.target == "kv-cache"]
+    if cache_users:
+        n = lm.adapter.num_layers
+        if all(layer_key(i) in removed or f"{layer_key(i)}.attn" in removed for i in range(n)):
+            raise ConfigError(f"{cache_users[0]} compresses the KV cache, but the composition removes every attention "
+                              "sublayer: the model has no KV cache left")
     by_target: dict[str, list[Claim]] = {}
     for c in claims:
         by_target.setdefault(c.target, []).append(c)
