@@ -134,3 +134,40 @@ def test_bench_decode_at_long_contexts_reports_both_caches(tmp_path):
         assert row["full_tok_s"] > 0 and row["recipe_tok_s"] > 0
     with pytest.raises(ConfigError, match="context"):
         bench_context("tiny-llama", str(tmp_path / "s.json"), [600], tokens=4, log=lambda m: None)
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gemma3"])
+def test_a_kv_recipe_composes_with_sparsity_quantization_and_layers_in_the_engine(model, tmp_path, monkeypatch):
+    """Sparse activations, int4 weights, a removed attention sublayer and a compressed cache, evaluated and
+    decoded together: the engine gives the masked reference's tokens, costs multiply."""
+    from actlab.calib import CalibrationSet
+    from actlab.data.tasks import load_task
+    from actlab.eval.harness import DENSE, Column, evaluate
+    from actlab.transforms import compose, cost_of
+    from actlab.transforms.layers import LayerRecipe
+    from actlab.transforms.quant import get_method as quant_method
+    from actlab.transforms.sparsity import CalibrationData, calibrate
+
+    monkeypatch.setenv("ACTLAB_CACHE", str(tmp_path))
+    lm = actlab.load_model(model)
+    g = torch.Generator().manual_seed(0)
+    calib = CalibrationSet(lm, torch.randint(5, 250, (3, 48), generator=g), {"name": "random", "sha256": "e0"},
+                           {"seq_len": 48})
+    sparse = calibrate("cats", CalibrationData.from_corpus(lm, None, seq_len=96, windows=8), 0.2)
+    quant = quant_method("rtn", bits=4, group=16).calibrate(calib)
+    quant.weights = {k: v for k, v in quant.weights.items() if k not in ("L1.q", "L1.k", "L1.v", "L1.qkv", "L1.o")}
+    layers = LayerRecipe("manual", lm.identity.to_dict(), ["L1.attn"])
+    kv = get_method("snapkv", window=4).calibrate(NoCalibration(lm), 0.5)
+    everything = compose(sparse, quant, layers, kv)
+    ids = prompt_ids(lm, 32)
+    with attach(lm, everything):
+        reference = hf_generate(lm, ids, 16)
+    assert DecodeEngine(lm, everything, max_len=64).generate(ids, 16).tokens == reference
+    cost, alone = cost_of(lm, everything), cost_of(lm, compose(sparse, quant, layers))
+    assert cost.kv_bytes_per_token == pytest.approx(alone.kv_bytes_per_token * 0.5)
+    assert cost.weight_bytes_per_token == alone.weight_bytes_per_token
+    task = load_task("passkey@300")
+    task.dataset.synthetic = {**task.dataset.synthetic, "haystack": "python-docs"}
+    result = evaluate(lm, [task], [Column(DENSE), Column("all", everything), Column("kv", kv)], limit=2,
+                      progress=False, log=lambda m: None)
+    assert all(task.task in col.results for col in result.columns)
