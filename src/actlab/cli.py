@@ -273,6 +273,7 @@ def sparsify_cmd(
     save: Annotated[str | None, typer.Option(help="save the recipe (.json or .yaml)")] = None,
     list_methods: Annotated[bool, typer.Option("--list-methods", help="list the methods and exit")] = False,
     as_json: JsonOpt = False,
+    nproc: NprocOpt = 1,
 ) -> None:
     """Calibrate a sparsity method to a budget, then measure dense and sparse perplexity on held-out data.
 
@@ -284,6 +285,7 @@ def sparsify_cmd(
     if list_methods:
         _list_methods(as_json)
         return
+    _relaunch(nproc)  # data parallel: each process calibrates on its block of windows
     from actlab.errors import ConfigError
     from actlab.jobs.sparsify import sparsify
 
@@ -409,6 +411,7 @@ def layers_cmd(
                                                  "the measured ranking (its report shows it)")] = None,
     list_methods: Annotated[bool, typer.Option("--list-methods", help="list the methods and exit")] = False,
     as_json: JsonOpt = False,
+    nproc: NprocOpt = 1,
 ) -> None:
     """Remove whole blocks (L20) or attention / MLP sublayers (L21.attn, L3.mlp), chosen by a method to a parameter
     budget or named by hand; evaluate, compose and export the recipe like any other; the decode engine skips what
@@ -425,6 +428,7 @@ def layers_cmd(
     if list_methods:
         _list_layer_methods(as_json)
         return
+    _relaunch(nproc)  # data parallel: each process calibrates on its block of windows
     from actlab.errors import ConfigError
     from actlab.jobs.layers import importance_job, layers_job
 
@@ -515,6 +519,7 @@ def quant_cmd(
     windows: HeldOutOpt = 0,
     list_methods: Annotated[bool, typer.Option("--list-methods", help="list the methods and exit")] = False,
     as_json: JsonOpt = False,
+    nproc: NprocOpt = 1,
 ) -> None:
     """Quantize the weights of every projection (RTN, AWQ, GPTQ, SmoothQuant W8A8, mixed precision); evaluate,
     compose and export the recipe like any other.
@@ -531,6 +536,7 @@ def quant_cmd(
     if list_methods:
         _list_quant_methods(as_json)
         return
+    _relaunch(nproc)  # data parallel: each process calibrates on its block of windows
     from actlab.errors import ConfigError
     from actlab.jobs.quant import quant_job
 
@@ -600,6 +606,7 @@ def kv_cmd(
                                                  "roles: headwise)")] = None,
     list_methods: Annotated[bool, typer.Option("--list-methods", help="list the methods and exit")] = False,
     as_json: JsonOpt = False,
+    nproc: NprocOpt = 1,
 ) -> None:
     """Compress the KV cache: a press scores cached tokens, a method sets each layer's and head's budget
     (StreamingLLM, K-norm, SnapKV, TOVA, H2O, PyramidKV, ...), optionally quantized (KIVI); evaluate, compose and
@@ -616,6 +623,7 @@ def kv_cmd(
     if list_methods:
         _list_kv_methods(as_json)
         return
+    _relaunch(nproc)  # data parallel: each process calibrates on its block of windows
     from actlab.errors import ConfigError
     from actlab.jobs.kv import kv_job
 

@@ -6,7 +6,8 @@ together are a prefix of the whole list (a checkpoint is then a prefix count, as
 resumes with any number of processes). Statistics meet on rank 0 through `gather`, which hands each rank's
 object to rank 0 in rank order: the caller folds them with the statistic's own merge rule (sum, min, max,
 Chan's update, top-k), so distributed results are a single process's up to the order of float additions.
-A task's items are split in blocks (`shard`) and their records meet on every rank (`all_gather`).
+A task's items are split in blocks (`shard`) and their records meet on every rank (`all_gather`); calibration
+statistics are sums over each rank's block of windows, added up on every rank (`all_reduce_sum`).
 Rank 0 alone writes to disk; a failure it finds before the work starts reaches every rank through `agree`.
 gloo on CPU, NCCL where CUDA is present.
 """
@@ -137,6 +138,20 @@ def agree(world: World, work: Callable[[], T]) -> T:
     if failure is not None:
         raise failure
     return result
+
+
+def all_reduce_sum(tensors: list[Any], world: World) -> None:
+    """Sum each tensor over the ranks, in place (every rank ends with the total)."""
+    if not world.distributed:
+        return
+    import torch.distributed as dist
+
+    device = _object_device()
+    for t in tensors:
+        moved = t.to(device) if t.device != device else t
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        if moved is not t:
+            t.copy_(moved.cpu())
 
 
 def barrier(world: World) -> None:

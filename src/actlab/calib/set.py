@@ -35,6 +35,7 @@ from actlab.fsutil import atomic_path
 from actlab.models.adapter import select_rows
 from actlab.models.cache import cache_root
 from actlab.models.keys import projection_key, split_key
+from actlab.parallel import World, agree, all_gather, all_reduce_sum, shard
 from actlab.progress import track
 
 MIN_CALIBRATION_TOKENS = 512
@@ -48,17 +49,18 @@ class CalibrationSet:
     protocol: dict[str, Any]
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
     base: Any = None  # a Recipe attached while statistics are collected (calibrating on top of it)
+    world: World = field(default_factory=World)  # data parallel: each rank reads its block of the windows
 
     @classmethod
     def from_corpus(cls, lm: Any, data: str | None, seq_len: int = 1024, windows: int = 16, offset: int = 0,
-                    **kw: Any) -> CalibrationSet:
+                    world: World | None = None, **kw: Any) -> CalibrationSet:
         corpus = load_corpus(data, role="calib")
         spec = WindowSpec(seq_len=seq_len, num_windows=windows, offset=offset)
         ids = make_windows(lm.tokenizer, corpus, spec, lm.max_context)
         if ids.numel() < MIN_CALIBRATION_TOKENS:
             raise ConfigError(f"calibration corpus too small: {ids.numel()} tokens, "
                               f"need at least {MIN_CALIBRATION_TOKENS}")
-        return cls(lm, ids, corpus.describe(), spec.describe(), **kw)
+        return cls(lm, ids, corpus.describe(), spec.describe(), world=world or World(), **kw)
 
     def describe(self) -> dict[str, Any]:
         out = {"data": self.corpus.get("name"), "sha256": self.corpus.get("sha256"), "protocol": self.protocol,
@@ -70,7 +72,7 @@ class CalibrationSet:
     def on_top_of(self, recipe: Any) -> CalibrationSet:
         """The same windows seen through `lm` with `recipe` attached (statistics for a transform composed after
         it). Shares nothing cached with this set: every key includes the recipe."""
-        return CalibrationSet(self.lm, self.windows, self.corpus, self.protocol, base=recipe)
+        return CalibrationSet(self.lm, self.windows, self.corpus, self.protocol, base=recipe, world=self.world)
 
     # -- caching ---------------------------------------------------------------------------------
     def applied(self) -> list[Any]:
@@ -96,7 +98,7 @@ class CalibrationSet:
         if key in self._memo:
             return self._memo[key]
         path = cache_root() / "calibration" / f"{what}-{key}.safetensors"
-        if path.is_file():
+        if agree(self.world, path.is_file):  # every rank computes it, or none: its sums meet across ranks
             try:
                 result = load_file(str(path))
                 self._memo[key] = result
@@ -104,8 +106,9 @@ class CalibrationSet:
             except Exception:  # a torn or foreign file: recompute it
                 path.unlink(missing_ok=True)
         result = compute()
-        with atomic_path(path) as tmp:
-            save_file({k: v.contiguous() for k, v in result.items()}, str(tmp))
+        if self.world.main:
+            with atomic_path(path) as tmp:
+                save_file({k: v.contiguous() for k, v in result.items()}, str(tmp))
         self._memo[key] = result
         return result
 
@@ -140,11 +143,41 @@ class CalibrationSet:
 
         return attach(self.lm, recipes)
 
+    def local(self, windows: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's block of `windows` (default: the calibration windows); all of them in one process."""
+        use = self.windows if windows is None else windows
+        mine = shard(len(use), self.world)
+        return use[mine.start:mine.stop]
+
+    def reduce(self, *tensors: torch.Tensor) -> None:
+        """Sum tensors accumulated over this rank's windows with every other rank's, in place."""
+        all_reduce_sum(list(tensors), self.world)
+
     def run_windows(self, description: str, progress: bool = True, windows: torch.Tensor | None = None) -> None:
+        """A forward (without the LM head) of each of this rank's windows: observers see them; what they sum is
+        then added up across ranks by the caller (`reduce`)."""
         with torch.no_grad():
-            use = self.windows if windows is None else windows
-            for w in track(use, total=len(use), description=description, enabled=progress):
+            use = self.local(windows)
+            for w in track(use, total=len(use), description=description, enabled=progress and self.world.main):
                 self._body(w[None])
+
+    def profiled(self, make: Callable[[], Any], windows: torch.Tensor | None = None) -> Any:
+        """A Profiler (made by `make`) that observed the windows: each rank its block, the states folded by each
+        statistic's merge rule in rank order."""
+        prof = make()
+        prof.observe(self.local(windows), progress=False)
+        if not self.world.distributed:
+            return prof
+        merged = None
+        for state, windows_seen, tokens_seen in all_gather((prof.state(), prof.windows_seen, prof.tokens_seen),
+                                                            self.world):
+            part = make()
+            part.load_state(state, windows_seen, tokens_seen)
+            if merged is None:
+                merged = part
+            else:
+                merged.merge(part)
+        return merged
 
     # -- generic statistics ------------------------------------------------------------------------
     def channel_mean_sq(self, kind: str) -> dict[int, torch.Tensor]:
@@ -153,9 +186,9 @@ class CalibrationSet:
         from actlab.probe.stats.distribution import ActivationDistribution
 
         def compute():
-            prof = Profiler(self.lm, sites=f"L*.{kind}", statistics=[ActivationDistribution()])
             with self.attached(self.applied()):
-                prof.observe(self.windows, progress=False)
+                prof = self.profiled(lambda: Profiler(self.lm, sites=f"L*.{kind}",
+                                                      statistics=[ActivationDistribution()]))
             dist = prof.statistic("distribution")
             return {key: dist.channel_summary(key)["mean_sq"] for key in dist.acc}
 
@@ -203,11 +236,22 @@ class CalibrationSet:
                 stack.callback(view.module.register_forward_hook(watch(key)).remove)
             stack.callback(lm.adapter.embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True)).remove)
             stack.enter_context(self.attached(self.applied()))
-            for w in track(windows, total=len(windows), description="gradients", enabled=progress):
+            mine = self.local(windows)
+            for w in track(mine, total=len(mine), description="gradients", enabled=progress and self.world.main):
                 ids = w[None].to(lm.device)
                 logits = lm.model(input_ids=ids, use_cache=False).logits
                 F.cross_entropy(logits[0, :-1].float(), ids[0, 1:]).backward()
                 count += ids.shape[1]
+        if self.world.distributed:  # every rank's sums (and a robust estimate's token norms) meet
+            for key in sorted(views):
+                e = energy.setdefault(key, GradientEnergy(robust))
+                total = e.sums if e.sums is not None else torch.zeros(views[key].weight().shape[
+                    0 if side == "output" else 1], dtype=torch.float64)
+                self.reduce(total)
+                e.sums = total
+                if robust:
+                    e.norms = [n for part in all_gather(e.norms, self.world) for n in part]
+            count = sum(all_gather(count, self.world))
         return {k: e.rms(count) for k, e in energy.items()}
 
     def input_moments(self, keys: list[str], progress: bool = True) -> dict[str, torch.Tensor]:
@@ -223,6 +267,12 @@ class CalibrationSet:
 
         with self.observing(keys, "input", observe):
             self.run_windows("input moments", progress)
+        for key in keys if self.world.distributed else []:  # a rank without windows has nothing to add yet
+            width = self.lm.adapter.layers[split_key(key)[0]].linears[split_key(key)[1]].in_features
+            sums.setdefault(key, torch.zeros(width, width))
+            n = torch.tensor(count.get(key, 0), dtype=torch.float64)
+            self.reduce(sums[key], n)
+            count[key] = int(n)
         return {k: v / count[k] for k, v in sums.items()}
 
     def input_samples(self, keys: list[str], tokens: int = 512) -> dict[str, torch.Tensor]:

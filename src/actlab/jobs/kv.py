@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from actlab import parallel
 from actlab.errors import ConfigError
 from actlab.jobs import setup
 from actlab.transforms import validate
@@ -29,6 +30,7 @@ def kv_job(model: str, *, save: str, method: str, ratio: float = 0.0, params: di
         from actlab.jobs.profile import complete_run
 
         complete_run(run)  # a missing or unfinished run fails before the model loads
+    world = parallel.world()  # under torchrun: each rank calibrates on its block of windows
     lm = setup.model(model, log)
     if not lm.adapter.num_kv_heads:
         raise ConfigError(f"{lm.name} has no KV cache to compress")
@@ -39,10 +41,11 @@ def kv_job(model: str, *, save: str, method: str, ratio: float = 0.0, params: di
         chosen.profile = {name: profiled.read_table(name) for name in ("head_roles", "heads")
                           if (profiled.path / "tables" / f"{name}.parquet").is_file()}
         chosen.profile_path = str(run)
-    data = setup.calibration(lm, calib, seq_len, calib_windows) if chosen.calibrated else NoCalibration(lm)
+    data = setup.calibration(lm, calib, seq_len, calib_windows, world=world) if chosen.calibrated else NoCalibration(lm)
     recipe = chosen.calibrate(data, ratio)
     validate(recipe, lm)
-    recipe.save(save)
+    if world.main:
+        recipe.save(save)
     cost = cost_of(lm, recipe)
     ratios = recipe.ratios(lm.adapter)
     out: dict[str, Any] = {"model": lm.name, "recipe": recipe.describe(), "method": recipe.method, "ratio": ratio,
@@ -51,22 +54,26 @@ def kv_job(model: str, *, save: str, method: str, ratio: float = 0.0, params: di
     if chosen.calibrated:
         out["calib_data"] = data.corpus.get("name")
     if windows:
-        out.update(compressed_perplexity(lm, recipe, eval_data, seq_len, windows, chunk, progress))
+        out.update(compressed_perplexity(lm, recipe, eval_data, seq_len, windows, chunk, progress, world))
     return out
 
 
 def compressed_perplexity(lm, recipe, data: str | None, seq_len: int, windows: int, chunk: int,
-                          progress: bool = True) -> dict[str, Any]:
+                          progress: bool = True, world: parallel.World | None = None) -> dict[str, Any]:
     """Perplexity of held-out windows read `chunk` tokens at a time through the cache, with the full cache and with
-    the cache held to `recipe`'s budget as it grows."""
+    the cache held to `recipe`'s budget as it grows (data parallel: each rank its block of windows)."""
     from actlab.eval.perplexity import perplexity
     from actlab.transforms import attach
 
+    world = world or parallel.World()
+    show = progress and world.main
     corpus, ids = setup.eval_windows(lm, data, seq_len, windows)
-    out: dict[str, Any] = {"dense_ppl": perplexity(lm, ids, progress=progress, chunk=chunk).ppl,
-                           "eval_data": corpus.name, "chunk": chunk}
+    dense = setup.sharded(ids, world, lambda w: perplexity(lm, w, progress=show, chunk=chunk).window_nll)
+    out: dict[str, Any] = {"dense_ppl": setup.window_ppl(dense), "eval_data": corpus.name, "chunk": chunk}
     with attach(lm, recipe) as attached:
-        out["ppl"] = perplexity(lm, ids, progress=progress, chunk=chunk,
-                                description=f"perplexity, {recipe.describe()}").ppl
-        out.update(attached.summary(lm))
+        described = f"perplexity, {recipe.describe()}"
+        mine = setup.sharded(ids, world, lambda w: perplexity(lm, w, progress=show, chunk=chunk,
+                                                              description=described).window_nll)
+        out["ppl"] = setup.window_ppl(mine)
+        out.update(attached.summary(lm))  # this rank's
     return out

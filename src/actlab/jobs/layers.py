@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from actlab import parallel
 from actlab.errors import ConfigError
 from actlab.jobs import setup
 from actlab.transforms import validate
@@ -32,15 +33,17 @@ def layers_job(model: str, *, save: str, remove: str | None = None, method: str 
         parts = [p.strip() for p in remove.split(",") if p.strip()]
         if not parts:
             raise ConfigError("--remove names no part (e.g. --remove L20,L21.attn)")
+    world = parallel.world()  # under torchrun: each rank calibrates on its block of windows
     lm = setup.model(model, log)
     data = None
     if method is not None:
-        data = setup.calibration(lm, calib, seq_len, calib_windows)
+        data = setup.calibration(lm, calib, seq_len, calib_windows, world=world)
         recipe = chosen.calibrate(data, budget)
     else:
         recipe = LayerRecipe("manual", lm.identity.to_dict(), parts)
     validate(recipe, lm)
-    recipe.save(save)
+    if world.main:
+        recipe.save(save)
     cost = cost_of(lm, recipe)
     out: dict[str, Any] = {"model": lm.name, "recipe": recipe.describe(), "method": recipe.method,
                            "drop": recipe.drop, "target": recipe.target,
@@ -51,7 +54,7 @@ def layers_job(model: str, *, save: str, remove: str | None = None, method: str 
         out["calib_loss"] = calibration_loss(data, recipe.drop, repair=recipe.repair)
         out["calib_data"] = data.corpus.get("name")
     if windows:
-        out.update(setup.perplexity_with_and_without(lm, recipe, eval_data, seq_len, windows, progress))
+        out.update(setup.perplexity_with_and_without(lm, recipe, eval_data, seq_len, windows, progress, world))
     return out
 
 
@@ -69,12 +72,13 @@ def importance_job(model: str, *, calib: str | None = None, seq_len: int = 1024,
         raise ConfigError(f"--save {save}: the importance table is written as .csv")
     if run is not None:
         complete_run(run)  # a missing or unfinished run fails before the model loads
+    world = parallel.world()
     lm = setup.model(model, log)
     target = run_of_model(run, lm, "actlab layers --importance") if run else None  # before the long part
-    data = setup.calibration(lm, calib, seq_len, calib_windows)
-    table, agreement = importance_table(data, progress=progress)
-    if save:
+    data = setup.calibration(lm, calib, seq_len, calib_windows, world=world)
+    table, agreement = importance_table(data, progress=progress and world.main)
+    if save and world.main:
         atomic_write_text(save, table.to_csv(index=False))
-    report = str(add_tables(target, {"importance": table})) if target else None
+    report = str(add_tables(target, {"importance": table})) if target and world.main else None
     return {"model": lm.name, "calib_data": data.corpus.get("name"), "tokens": int(data.windows.numel()),
             "parts": table.to_dict("records"), "spearman_with_measured": agreement, "path": save, "report": report}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from actlab import parallel
 from actlab.errors import ConfigError
 from actlab.jobs import setup
 from actlab.transforms import validate
@@ -26,13 +27,15 @@ def quant_job(model: str, *, save: str, method: str = "rtn", bits: int | None = 
     if not chosen.mixed and avg_bits is not None:
         raise ConfigError(f"--avg-bits is for the mixed-precision methods (mixed, layerwise); {method} uses --bits")
     chosen.progress = progress
+    world = parallel.world()  # under torchrun: each rank calibrates on its block of windows
     lm = setup.model(model, log)
     lm.adapter.refuse_moe("weight quantization")
     chosen.check_grid(lm)  # a group that does not divide a projection fails before calibration
-    data = setup.calibration(lm, calib, seq_len, calib_windows) if chosen.calibrated else NoCalibration(lm)
+    data = setup.calibration(lm, calib, seq_len, calib_windows, world=world) if chosen.calibrated else NoCalibration(lm)
     recipe = chosen.calibrate(data, avg_bits)
     validate(recipe, lm)
-    recipe.save(save)
+    if world.main:
+        recipe.save(save)
     cost = cost_of(lm, recipe)
     out: dict[str, Any] = {"model": lm.name, "recipe": recipe.describe(), "method": recipe.method,
                            "average_bits": recipe.average_bits(), "quantized": len(recipe.weights),
@@ -40,6 +43,6 @@ def quant_job(model: str, *, save: str, method: str = "rtn", bits: int | None = 
     if chosen.calibrated:
         out["calib_data"] = data.corpus.get("name")
     if windows:
-        out.update(setup.perplexity_with_and_without(lm, recipe, eval_data, seq_len, windows, progress))
+        out.update(setup.perplexity_with_and_without(lm, recipe, eval_data, seq_len, windows, progress, world))
     return out
 

@@ -10,6 +10,7 @@ import torch
 from actlab.calib import CalibrationSet
 from actlab.data import Corpus, WindowSpec, load_corpus, make_windows
 from actlab.models import LoadedModel, load_model
+from actlab.parallel import World, all_gather, shard
 
 
 def model(spec: str, log: Callable[[str], None] = print) -> LoadedModel:
@@ -29,14 +30,31 @@ def calibration(lm: LoadedModel, data: str | None, seq_len: int, windows: int, *
     return CalibrationSet.from_corpus(lm, data, seq_len=seq_len, windows=windows, **kw)
 
 
+def sharded(windows: torch.Tensor, world: World, run: Callable[[torch.Tensor], list]) -> list:
+    """`run` over this rank's block of `windows` (a list per window), every rank's lists joined in window order."""
+    mine = shard(len(windows), world)
+    local = run(windows[mine.start:mine.stop]) if len(mine) else []
+    return [v for part in all_gather(local, world) for v in part]
+
+
+def window_ppl(nlls: list[float]) -> float:
+    import math
+
+    return math.exp(sum(nlls) / len(nlls))
+
+
 def perplexity_with_and_without(lm: LoadedModel, recipe: Any, data: str | None, seq_len: int, windows: int,
-                                progress: bool = True) -> dict[str, Any]:
-    """Held-out perplexity of the plain model and with `recipe` attached, on the same windows."""
+                                progress: bool = True, world: World | None = None) -> dict[str, Any]:
+    """Held-out perplexity of the plain model and with `recipe` attached, on the same windows (data parallel:
+    each rank its block)."""
     from actlab.eval.perplexity import perplexity
     from actlab.transforms import attach
 
+    world = world or World()
     corpus, ids = eval_windows(lm, data, seq_len, windows)
-    out: dict[str, Any] = {"dense_ppl": perplexity(lm, ids, progress=progress).ppl, "eval_data": corpus.name}
+    show = progress and world.main
+    dense = sharded(ids, world, lambda w: perplexity(lm, w, progress=show).window_nll)
     with attach(lm, recipe):
-        out["ppl"] = perplexity(lm, ids, progress=progress, description=f"perplexity, {recipe.describe()}").ppl
-    return out
+        mine = sharded(ids, world, lambda w: perplexity(lm, w, progress=show,
+                                                        description=f"perplexity, {recipe.describe()}").window_nll)
+    return {"dense_ppl": window_ppl(dense), "eval_data": corpus.name, "ppl": window_ppl(mine)}

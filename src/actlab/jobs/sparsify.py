@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from actlab import parallel
 from actlab.errors import ConfigError
 from actlab.eval.perplexity import perplexity
 from actlab.jobs import setup
@@ -28,27 +29,37 @@ def sparsify(model: str, *, method: str | None, sparsity: float | None, calib: s
         if sparsifier.needs_prompt and positions == "all":
             raise ConfigError(f"{method} chooses its neurons at a prompt, and under --positions all every evaluation "
                               "window is all prompt (dense): use --positions last-half")
+    world = parallel.world()  # under torchrun: each rank calibrates and evaluates on its block of windows
     lm = setup.model(model, log)
     lm.adapter.refuse_moe("activation sparsity")
     corpus, eval_windows = setup.eval_windows(lm, eval_data, seq_len, windows)
     if recipe is None:
-        recipe = calibrate(sparsifier, setup.calibration(lm, calib, seq_len, calib_windows), sparsity)
+        recipe = calibrate(sparsifier, setup.calibration(lm, calib, seq_len, calib_windows, world=world), sparsity)
     else:
         recipe.check_model(lm)
     source = "option" if positions is not None or recipe_path is None else "recipe"
     if positions is not None:
         recipe.positions = positions
-    if save:
+    if save and world.main:
         recipe.save(save)
-    dense = perplexity(lm, eval_windows, batch_size=1, progress=progress)
-    sparse = evaluate(lm, recipe, eval_windows, progress=progress)
+    show = progress and world.main
+    dense = setup.sharded(eval_windows, world, lambda w: perplexity(lm, w, batch_size=1, progress=show).window_nll)
+
+    def sparse_run(w):
+        result = evaluate(lm, recipe, w, progress=show)
+        return [(nll, result.achieved_sparsity) for nll in result.window_nll]  # equal windows: a mean per window
+
+    sparse = setup.sharded(eval_windows, world, sparse_run)
+    dense_ppl, sparse_ppl = setup.window_ppl(dense), setup.window_ppl([nll for nll, _ in sparse])
     return {
         "model": lm.name, "method": recipe.method, "target_sparsity": recipe.target,
-        "achieved_sparsity": sparse.achieved_sparsity, "predicted_sparsity": recipe.predicted.get("effective"),
-        "dense_ppl": dense.ppl, "sparse_ppl": sparse.sparse_ppl, "ppl_increase": sparse.sparse_ppl / dense.ppl - 1,
+        "achieved_sparsity": sum(a for _, a in sparse) / len(sparse),
+        "predicted_sparsity": recipe.predicted.get("effective"),
+        "dense_ppl": dense_ppl, "sparse_ppl": sparse_ppl, "ppl_increase": sparse_ppl / dense_ppl - 1,
         "positions": recipe.positions, "positions_from": source, "calib_data": recipe.calibration.get("data"),
         "eval_data": corpus.name,
-        "eval_tokens": dense.tokens, "seq_len": seq_len, "windows": windows, "recipe": save,
+        "eval_tokens": int(eval_windows.shape[0] * (eval_windows.shape[1] - 1)), "seq_len": seq_len,
+        "windows": windows, "recipe": save,
         **({"warnings": lm.provenance["warnings"]} if lm.provenance.get("warnings") else {}),
     }
 

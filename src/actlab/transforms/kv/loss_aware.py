@@ -142,9 +142,10 @@ class LossAware(KVMethod):
         if not 1 <= context < t:
             raise ConfigError(f"loss-aware: calibration windows of {t} tokens leave no context to compress")
         errors = torch.zeros(ad.num_layers, ad.num_kv_heads, len(self.levels), dtype=torch.float64)
-        for n, window in enumerate(calib.windows):
+        mine = calib.local()  # this rank's windows; the estimates add up across ranks
+        for n, window in enumerate(mine):
             if self.progress:
-                status(f"loss-aware KV budgets: window {n + 1}/{len(calib.windows)} (forward, backward, "
+                status(f"loss-aware KV budgets: window {n + 1}/{len(mine)} (forward, backward, "
                        f"{len(self.levels)} levels x {ad.num_layers} layers)")
             record, grads = attention_and_gradients(lm, window[None])
             for i, layer in enumerate(ad.layers):
@@ -152,15 +153,16 @@ class LossAware(KVMethod):
                 grad = grads[i].view(t, ad.num_heads, ad.head_dim)
                 errors[i] += head_errors(q[0], k[0], v[0], grad, context, press, self.levels, scaling, softcap,
                                          ad.sliding_window(layer))
+        calib.reduce(errors)
         errors /= len(calib.windows)
         ratios = allocate(errors.view(-1, len(self.levels)), self.levels, target).view(ad.num_layers, -1)
         recipe = self.recipe(lm, target, ratios, {**calib.describe(), "context_tokens": context,
                                                   "levels": list(self.levels),
                                                   "estimated_loss": errors.tolist()})
         uniform = self.recipe(lm, target)
-        recipe.calibration["measured_loss"] = {"dense": scenario_loss(lm, calib.windows, None, context),
-                                               "uniform": scenario_loss(lm, calib.windows, uniform, context),
-                                               "loss-aware": scenario_loss(lm, calib.windows, recipe, context)}
+        recipe.calibration["measured_loss"] = {"dense": scenario_loss(lm, calib, None, context),
+                                               "uniform": scenario_loss(lm, calib, uniform, context),
+                                               "loss-aware": scenario_loss(lm, calib, recipe, context)}
         return recipe
 
 
@@ -203,22 +205,24 @@ def attention_and_gradients(lm: Any, ids: torch.Tensor) -> tuple[dict[int, tuple
 
 
 @torch.no_grad()
-def scenario_loss(lm: Any, windows: torch.Tensor, recipe: Any, context: int) -> float:
-    """Mean NLL of the tokens after the first `context` of each window, the context read (and compressed by
-    `recipe`) in one forward and the rest in another through its cache."""
+def scenario_loss(lm: Any, calib: Any, recipe: Any, context: int) -> float:
+    """Mean NLL of the tokens after the first `context` of each calibration window, the context read (and
+    compressed by `recipe`) in one forward and the rest in another through its cache."""
     from actlab.models.compat import output_cache, with_cache
     from actlab.transforms import attach
 
     total, count = 0.0, 0
     with (attach(lm, recipe) if recipe is not None else _nothing()):
-        for window in windows:
+        for window in calib.local():
             ids = window[None].to(lm.device)
             first = lm.model(input_ids=ids[:, :context], use_cache=True, logits_to_keep=1)
             rest = lm.model(input_ids=ids[:, context:-1], **with_cache(lm.model, output_cache(first)), use_cache=True)
             logits = torch.cat([first.logits[:, -1:], rest.logits], 1)[0].float()
             total += float(F.cross_entropy(logits, ids[0, context:], reduction="sum"))
             count += ids.shape[1] - context
-    return total / count if count else math.nan
+    sums = torch.tensor([total, count], dtype=torch.float64)
+    calib.reduce(sums)
+    return float(sums[0] / sums[1]) if sums[1] else math.nan
 
 
 def _nothing():

@@ -91,10 +91,13 @@ def depth_statistics(calib: Any, progress: bool = False) -> DepthStatistics:
         from actlab.probe.stats.depth import AngularDistance
         from actlab.probe.stats.layers import LayerRedundancy
 
-        redundancy, angular = LayerRedundancy(), AngularDistance()
-        prof = Profiler(calib.lm, sites="L*.resid_in,L*.resid_mid,L*.resid_out", statistics=[redundancy, angular])
+        def make():
+            return Profiler(calib.lm, sites="L*.resid_in,L*.resid_mid,L*.resid_out",
+                            statistics=[LayerRedundancy(), AngularDistance()])
+
         with calib.attached(calib.applied()):
-            prof.observe(calib.windows, progress=progress)
+            prof = calib.profiled(make)
+        redundancy, angular = prof.statistic("layers"), prof.statistic("angular")
         table = redundancy.tables(None)["layers"].sort_values("layer")
         column = lambda name: torch.tensor(1.0 - table[name].to_numpy(dtype=float))  # noqa: E731
         return {"block_influence": column("cos_block"), "attn_influence": column("cos_attn"),
@@ -111,7 +114,8 @@ def calibration_loss(calib: Any, removed: Sequence[str] = (), windows: torch.Ten
     from actlab.transforms.layers.recipe import LayerRecipe
 
     lm = calib.lm
-    use = calib.windows if windows is None else windows
+    every = calib.windows if windows is None else windows
+    use = calib.local(every)  # this rank's block; the sums meet below
     recipes = list(calib.applied())
     if removed:
         kept = {p: r for p, r in (repair or {}).items() if p in removed}
@@ -120,7 +124,8 @@ def calibration_loss(calib: Any, removed: Sequence[str] = (), windows: torch.Ten
     with torch.no_grad(), calib.attached(recipes):
         for w in use:
             total += window_nll(lm.model, w[None].to(lm.device)).cpu().sum()
-    return float(total) / (use.shape[0] * (use.shape[1] - 1))
+    calib.reduce(total)
+    return float(total) / (every.shape[0] * (every.shape[1] - 1))
 
 
 def candidate_parts(adapter: Any, kinds: Sequence[str], removed: Sequence[str] = ()) -> list[str]:

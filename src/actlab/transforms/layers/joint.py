@@ -131,6 +131,8 @@ class Joint(LayerMethod):
         layer = LayerRecipe("measure", lm.identity.to_dict(), list(drop), repair=dict(repairs)) if drop else None
         with Probe(lm, list(reads), collect), calib.attached([*calib.applied(), *([layer] if layer else [])]):
             calib.run_windows("joint: repair moments", progress=False)
+        for m in moments.values():
+            m.sum_over_ranks(calib, lm.adapter.hidden_size, lm.adapter.hidden_size)
         return {p: m.fit(self.repair_kind, self.rank, self.ridge) for p, m in moments.items()}
 
 

@@ -15,6 +15,8 @@ counted against the budget. LLM-Streamline trains a replacement layer; this one 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 KINDS = ("none", "mean", "linear")
@@ -40,6 +42,18 @@ class RepairMoments:
             for mine, new in zip((self.su, self.sy, self.suu, self.suy), parts):
                 mine.add_(new)
         self.n += u.shape[0]
+
+    def sum_over_ranks(self, calib: Any, d_in: int, d_out: int) -> None:
+        """Add every data-parallel rank's sums to these (a rank that saw no token adds zeros)."""
+        if not calib.world.distributed:
+            return
+        if self.su is None:
+            self.su, self.sy = torch.zeros(d_in, dtype=torch.float64), torch.zeros(d_out, dtype=torch.float64)
+            self.suu = torch.zeros(d_in, d_in, dtype=torch.float64)
+            self.suy = torch.zeros(d_in, d_out, dtype=torch.float64)
+        n = torch.tensor(self.n, dtype=torch.float64)
+        calib.reduce(self.su, self.sy, self.suu, self.suy, n)
+        self.n = int(n)
 
     def fit(self, kind: str = "linear", rank: int = 32, ridge: float = 1e-2) -> dict[str, torch.Tensor]:
         """The repair's tensors (float32): mean_in [d_in], down [d_in, r], up [r, d_out], bias [d_out]."""

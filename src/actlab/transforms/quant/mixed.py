@@ -190,11 +190,15 @@ def _head_moment(calib: Any) -> torch.Tensor:
     handle = lm.adapter.lm_head.register_forward_pre_hook(hook)
     try:
         with torch.no_grad(), calib.attached(calib.applied()):
-            for w in calib.windows:
+            for w in calib.local():
                 lm.model(input_ids=w[None].to(lm.device), use_cache=False)
     finally:
         handle.remove()
-    return sums / count
+    width = lm.adapter.hidden_size
+    sums = sums if sums is not None else torch.zeros(width, width)
+    n = torch.tensor(count, dtype=torch.float64)
+    calib.reduce(sums, n)
+    return sums / float(n)
 
 
 def _head_grad(calib: Any) -> torch.Tensor:
@@ -204,7 +208,7 @@ def _head_grad(calib: Any) -> torch.Tensor:
     lm = calib.lm
     total, count = None, 0
     with torch.no_grad(), calib.attached(calib.applied()):
-        for w in calib.windows:
+        for w in calib.local():
             ids = w[None].to(lm.device)
             logits = lm.model(input_ids=ids, use_cache=False).logits[0].float()
             g = F.softmax(logits[:-1], dim=-1)
@@ -213,7 +217,10 @@ def _head_grad(calib: Any) -> torch.Tensor:
             sq = g.double().pow(2).sum(0)
             total = sq if total is None else total + sq
             count += ids.shape[1]
-    return (total / count).sqrt().float()
+    total = total if total is not None else torch.zeros(lm.adapter.vocab_size, dtype=torch.float64)
+    n = torch.tensor(count, dtype=torch.float64)
+    calib.reduce(total, n)
+    return (total / float(n)).sqrt().float()
 
 
 __all__ = ["MixedPrecision", "allocate_bits", "check_budget", "parse_candidates", "quantize_grids", "rounding_loss"]

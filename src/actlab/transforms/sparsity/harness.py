@@ -20,6 +20,7 @@ class SparseEvaluation:
     dropped: dict[str, float]
     tokens: int
     seconds: float
+    window_nll: list[float] | None = None  # the mean NLL of each window
 
     def to_dict(self) -> dict[str, Any]:
         return {"sparse_ppl": self.sparse_ppl, "achieved_sparsity": self.achieved_sparsity, "tokens": self.tokens,
@@ -31,4 +32,5 @@ def evaluate(lm: LoadedModel, recipe: SparsityRecipe, windows: torch.Tensor, pro
     with attach(lm, recipe, meter):
         result = perplexity(lm, windows, batch_size=1, progress=progress)
     return SparseEvaluation(sparse_ppl=result.ppl, achieved_sparsity=meter.effective(lm, recipe),
-                            dropped=meter.dropped(), tokens=result.tokens, seconds=result.seconds)
+                            dropped=meter.dropped(), tokens=result.tokens, seconds=result.seconds,
+                            window_nll=result.window_nll)

@@ -71,7 +71,7 @@ class SparsityCalibration(CalibrationSet):
     @classmethod
     def of(cls, calib: CalibrationSet, under: Any = None) -> SparsityCalibration:
         """`calib` seen by the sparsity methods (sharing its cached statistics)."""
-        view = cls(calib.lm, calib.windows, calib.corpus, calib.protocol, calib._memo, calib.base)
+        view = cls(calib.lm, calib.windows, calib.corpus, calib.protocol, calib._memo, calib.base, calib.world)
         view.under = under
         return view
 
@@ -121,6 +121,7 @@ class SparsityCalibration(CalibrationSet):
             self.run_windows("calibrating", progress)
         out = {f"{k}|counts": hist[k] for k in scales}
         out.update({f"{k}|zeros": torch.tensor(zeros[k]) for k in scales})
+        self.reduce(*out.values())  # counts: exact in any number of processes
         return out
 
     def standardized_histograms(self, keys: list[str], progress: bool = True) -> dict[str, np.ndarray]:
@@ -137,6 +138,7 @@ class SparsityCalibration(CalibrationSet):
 
             with self.observing(keys, "input", observe):
                 self.run_windows("calibrating", progress)
+            self.reduce(*counts.values())
             return counts
 
         raw = self._cached("zhist", keys, compute)
