@@ -5,7 +5,7 @@ decode speed and cache memory at long contexts.
 
     python bench/kv_compression.py [--models smollm2-135m] [--methods streaming-llm,knorm,snapkv,tova,h2o,
         pyramidkv,headwise,loss-aware] [--ratios 0.25,0.5,0.75,0.875] [--kinds niah_single,passkey]
-        [--lengths 1024,2048,4096,8192] [--items 20] [--ppl-windows 3] [--tasks arc_easy,...] [--task-limit 100]
+        [--lengths 1024,2048,4096] [--items 20] [--ppl-windows 3] [--tasks arc_easy,...] [--task-limit 100]
         [--parts retrieval,ppl,tasks,kvpress,agreement,speed]
 
 Recipes, the profile the head-wise policy reads and every evaluation live in bench/.work/kv/MODEL (resumable:
@@ -80,8 +80,11 @@ def profile_tables(model: str, run: Path, log):
 def evaluate_part(model: str, name: str, recipes: dict, tasks: str, limit: int, log):
     from actlab.jobs.eval import eval_job
 
+    import hashlib
+
+    tag = hashlib.sha256(f"{tasks}|{sorted(recipes)}".encode()).hexdigest()[:8]  # another grid: another folder
     return eval_job(model, [str(p) for p in recipes.values()], tasks=tasks, limit=limit,
-                    out=str(WORK / model / f"eval-{name}-{limit}"), log=log)
+                    out=str(WORK / model / f"eval-{name}-{limit}-{tag}"), log=log)
 
 
 def retrieval_items(lm, tasks: list[str], items: int) -> dict[str, list[dict]]:
@@ -150,7 +153,7 @@ def main() -> None:
     ap.add_argument("--methods", default=METHODS)
     ap.add_argument("--ratios", default="0.25,0.5,0.75,0.875")
     ap.add_argument("--kinds", default="niah_single,passkey")
-    ap.add_argument("--lengths", default="1024,2048,4096,8192")
+    ap.add_argument("--lengths", default="1024,2048,4096")
     ap.add_argument("--items", type=int, default=20, help="retrieval items per kind and length")
     ap.add_argument("--ppl-windows", type=int, default=3, help="4096-token WikiText-2 windows (wikitext2_kv)")
     ap.add_argument("--tasks", default=TASKS)

@@ -168,16 +168,9 @@ class CalibrationSet:
         prof.observe(self.local(windows), progress=False)
         if not self.world.distributed:
             return prof
-        merged = None
-        for state, windows_seen, tokens_seen in all_gather((prof.state(), prof.windows_seen, prof.tokens_seen),
-                                                            self.world):
-            part = make()
-            part.load_state(state, windows_seen, tokens_seen)
-            if merged is None:
-                merged = part
-            else:
-                merged.merge(part)
-        return merged
+        from actlab.probe.profiler import folded
+
+        return folded(make, all_gather((prof.state(), prof.windows_seen, prof.tokens_seen), self.world))
 
     # -- generic statistics ------------------------------------------------------------------------
     def channel_mean_sq(self, kind: str) -> dict[int, torch.Tensor]:

@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -249,6 +251,18 @@ void rotate_rows(float* x, int64_t n, int64_t D, const float* c, const float* s)
   }
 }
 
+// Copies of q [H, D] and k [KV, D] (float32) turned by the rotary embedding (cos / sin empty: none).
+std::pair<torch::Tensor, torch::Tensor> rotated(const torch::Tensor& q, const torch::Tensor& k,
+                                                const torch::Tensor& cos, const torch::Tensor& sin) {
+  auto rq = q.contiguous().clone(), rk = k.contiguous().clone();
+  TORCH_CHECK(rq.dtype() == torch::kFloat32 && rk.dtype() == torch::kFloat32, "float32 queries and keys");
+  if (cos.defined() && cos.numel()) {
+    rotate_rows(rq.data_ptr<float>(), rq.size(0), rq.size(1), cos.data_ptr<float>(), sin.data_ptr<float>());
+    rotate_rows(rk.data_ptr<float>(), rk.size(0), rk.size(1), cos.data_ptr<float>(), sin.data_ptr<float>());
+  }
+  return {rq, rk};
+}
+
 // One query head's softmax attention over n cached rows of keys / values; rows whose `skip` is set (a sliding
 // window no longer sees them) are left out.
 void attend_head(const float* qh, const float* keys, const float* vals, int64_t n, int64_t D, float sc, float cap,
@@ -289,17 +303,12 @@ void for_heads(int64_t H, int64_t work, F&& head) {
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, const torch::Tensor& v, torch::Tensor kc,
                                torch::Tensor vc, int64_t pos, int64_t start, const torch::Tensor& cos,
                                const torch::Tensor& sin, double scaling, double softcap) {
-  q = q.contiguous().clone();
-  k = k.contiguous().clone();
+  std::tie(q, k) = rotated(q, k, cos, sin);
   auto vv = v.contiguous();
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && kc.is_contiguous() && vc.is_contiguous(), "float32, contiguous caches");
+  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous(), "contiguous caches");
   const int64_t H = q.size(0), D = q.size(1), KV = k.size(0), T = kc.size(1);
   TORCH_CHECK(kc.size(0) == KV && kc.size(2) == D && pos < T && start <= pos && H % KV == 0, "shapes");
   float *pq = q.data_ptr<float>(), *pk = k.data_ptr<float>();
-  if (cos.defined() && cos.numel()) {
-    rotate_rows(pq, H, D, cos.data_ptr<float>(), sin.data_ptr<float>());
-    rotate_rows(pk, KV, D, cos.data_ptr<float>(), sin.data_ptr<float>());
-  }
   float *pkc = kc.data_ptr<float>(), *pvc = vc.data_ptr<float>();
   const float* pv = vv.data_ptr<float>();
   for (int64_t h = 0; h < KV; ++h) {
@@ -326,19 +335,14 @@ torch::Tensor ragged_attention(torch::Tensor q, torch::Tensor k, const torch::Te
                                torch::Tensor vc, torch::Tensor slot_pos, const torch::Tensor& offsets,
                                torch::Tensor lens, const torch::Tensor& caps, int64_t pos, int64_t window,
                                const torch::Tensor& cos, const torch::Tensor& sin, double scaling, double softcap) {
-  q = q.contiguous().clone();
-  k = k.contiguous().clone();
+  std::tie(q, k) = rotated(q, k, cos, sin);
   auto vv = v.contiguous();
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && kc.is_contiguous() && vc.is_contiguous(), "float32, contiguous caches");
+  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous(), "contiguous caches");
   TORCH_CHECK(slot_pos.dtype() == torch::kInt64 && lens.dtype() == torch::kInt64 && offsets.dtype() == torch::kInt64 &&
               caps.dtype() == torch::kInt64, "int64 slot positions, offsets, lengths and capacities");
   const int64_t H = q.size(0), D = q.size(1), KV = k.size(0);
   TORCH_CHECK(kc.size(1) == D && H % KV == 0 && lens.numel() == KV && offsets.numel() == KV, "shapes");
   float *pq = q.data_ptr<float>(), *pk = k.data_ptr<float>();
-  if (cos.defined() && cos.numel()) {
-    rotate_rows(pq, H, D, cos.data_ptr<float>(), sin.data_ptr<float>());
-    rotate_rows(pk, KV, D, cos.data_ptr<float>(), sin.data_ptr<float>());
-  }
   float *pkc = kc.data_ptr<float>(), *pvc = vc.data_ptr<float>();
   const float* pv = vv.data_ptr<float>();
   int64_t* sp = slot_pos.data_ptr<int64_t>();

@@ -9,9 +9,7 @@ from typing import Any
 from actlab import parallel
 from actlab.errors import ConfigError
 from actlab.jobs import setup
-from actlab.transforms import validate
 from actlab.transforms.base import NoCalibration
-from actlab.transforms.compose import cost_of
 
 
 def kv_job(model: str, *, save: str, method: str, ratio: float = 0.0, params: dict[str, Any] | None = None,
@@ -43,10 +41,7 @@ def kv_job(model: str, *, save: str, method: str, ratio: float = 0.0, params: di
         chosen.profile_path = str(run)
     data = setup.calibration(lm, calib, seq_len, calib_windows, world=world) if chosen.calibrated else NoCalibration(lm)
     recipe = chosen.calibrate(data, ratio)
-    validate(recipe, lm)
-    if world.main:
-        recipe.save(save)
-    cost = cost_of(lm, recipe)
+    cost = setup.keep_recipe(recipe, lm, save, world)
     ratios = recipe.ratios(lm.adapter)
     out: dict[str, Any] = {"model": lm.name, "recipe": recipe.describe(), "method": recipe.method, "ratio": ratio,
                            "layer_ratios": ratios.mean(1).tolist(), "cost": cost.to_dict(),

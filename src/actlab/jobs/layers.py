@@ -9,8 +9,6 @@ from typing import Any
 from actlab import parallel
 from actlab.errors import ConfigError
 from actlab.jobs import setup
-from actlab.transforms import validate
-from actlab.transforms.compose import cost_of
 
 
 def layers_job(model: str, *, save: str, remove: str | None = None, method: str | None = None,
@@ -41,10 +39,7 @@ def layers_job(model: str, *, save: str, remove: str | None = None, method: str 
         recipe = chosen.calibrate(data, budget)
     else:
         recipe = LayerRecipe("manual", lm.identity.to_dict(), parts)
-    validate(recipe, lm)
-    if world.main:
-        recipe.save(save)
-    cost = cost_of(lm, recipe)
+    cost = setup.keep_recipe(recipe, lm, save, world)
     out: dict[str, Any] = {"model": lm.name, "recipe": recipe.describe(), "method": recipe.method,
                            "drop": recipe.drop, "target": recipe.target,
                            "removed_fraction": removed_fraction(lm.adapter, recipe.drop),

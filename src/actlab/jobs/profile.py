@@ -263,15 +263,9 @@ def _union(profiler: Profiler, options: ProfileOptions, world: parallel.World) -
 
 def _merged(lm: LoadedModel, options: ProfileOptions, parts: Iterable[tuple[dict, int, int]]) -> Profiler:
     """One profiler holding the union of saved states (state, windows, tokens), folded by each statistic's rule."""
-    merged: Profiler | None = None
-    for state, windows, tokens in parts:
-        part = options.profiler(lm)
-        part.load_state(state, windows, tokens)
-        if merged is None:
-            merged = part
-        else:
-            merged.merge(part)
-    return merged
+    from actlab.probe.profiler import folded
+
+    return folded(lambda: options.profiler(lm), parts)
 
 
 def finish(run: RunDirectory, profiler: Profiler, manifest: dict[str, Any]) -> None:

@@ -9,8 +9,6 @@ from typing import Any
 from actlab import parallel
 from actlab.errors import ConfigError
 from actlab.jobs import setup
-from actlab.transforms import validate
-from actlab.transforms.compose import cost_of
 
 
 def quant_job(model: str, *, save: str, method: str = "rtn", bits: int | None = None, group: int | None = None,
@@ -33,10 +31,7 @@ def quant_job(model: str, *, save: str, method: str = "rtn", bits: int | None = 
     chosen.check_grid(lm)  # a group that does not divide a projection fails before calibration
     data = setup.calibration(lm, calib, seq_len, calib_windows, world=world) if chosen.calibrated else NoCalibration(lm)
     recipe = chosen.calibrate(data, avg_bits)
-    validate(recipe, lm)
-    if world.main:
-        recipe.save(save)
-    cost = cost_of(lm, recipe)
+    cost = setup.keep_recipe(recipe, lm, save, world)
     out: dict[str, Any] = {"model": lm.name, "recipe": recipe.describe(), "method": recipe.method,
                            "average_bits": recipe.average_bits(), "quantized": len(recipe.weights),
                            "cost": cost.to_dict(), "cost_line": cost.line(), "path": save}

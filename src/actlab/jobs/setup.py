@@ -30,6 +30,16 @@ def calibration(lm: LoadedModel, data: str | None, seq_len: int, windows: int, *
     return CalibrationSet.from_corpus(lm, data, seq_len=seq_len, windows=windows, **kw)
 
 
+def keep_recipe(recipe: Any, lm: LoadedModel, save: str, world: World) -> Any:
+    """Validate a calibrated recipe for `lm`, save it (rank 0 of a data-parallel job), and return its cost."""
+    from actlab.transforms.compose import cost_of, validate
+
+    validate(recipe, lm)
+    if world.main:
+        recipe.save(save)
+    return cost_of(lm, recipe)
+
+
 def sharded(windows: torch.Tensor, world: World, run: Callable[[torch.Tensor], list]) -> list:
     """`run` over this rank's block of `windows` (a list per window), every rank's lists joined in window order."""
     mine = shard(len(windows), world)

@@ -180,3 +180,19 @@ def per_layer_table(tables: dict[str, pd.DataFrame], num_layers: int) -> pd.Data
         table = table.merge(resid, on="layer", how="left")
         table["resid_max_over_median"] = table["resid_max_abs"] / table["resid_median_abs"]
     return table
+
+
+def folded(make: Callable[[], Profiler], parts: Iterable[tuple[dict[str, torch.Tensor], int, int]]) -> Profiler:
+    """One profiler (each made by `make`) holding the union of saved states (state, windows, tokens), folded by
+    each statistic's merge rule in the order given."""
+    merged: Profiler | None = None
+    for state, windows, tokens in parts:
+        part = make()
+        part.load_state(state, windows, tokens)
+        if merged is None:
+            merged = part
+        else:
+            merged.merge(part)
+    if merged is None:
+        raise ValueError("nothing to fold")
+    return merged
