@@ -78,9 +78,9 @@ def profile_tables(model: str, run: Path, log):
 
 
 def evaluate_part(model: str, name: str, recipes: dict, tasks: str, limit: int, log):
-    from actlab.jobs.eval import eval_job
-
     import hashlib
+
+    from actlab.jobs.eval import eval_job
 
     tag = hashlib.sha256(f"{tasks}|{sorted(recipes)}".encode()).hexdigest()[:8]  # another grid: another folder
     return eval_job(model, [str(p) for p in recipes.values()], tasks=tasks, limit=limit,
