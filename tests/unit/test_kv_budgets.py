@@ -167,7 +167,12 @@ def test_loss_aware_budgets_average_the_ratio_and_record_what_they_cost(tmp_path
     measured = r.calibration["measured_loss"]
     assert set(measured) == {"dense", "uniform", "loss-aware"} and all(math.isfinite(v) for v in measured.values())
     assert measured["dense"] != measured["uniform"] and measured["dense"] != measured["loss-aware"]
+    chosen = r.calibration["selection_loss"]  # the allocation shrunk toward uniform: the lowest measured loss wins
+    assert set(chosen) == {"0", "0.25", "0.5", "1"} and measured["loss-aware"] == min(chosen.values())
+    assert measured["uniform"] == chosen["1"] and measured["loss-aware"] <= measured["uniform"]
     with pytest.raises(ConfigError, match="levels"):
         get_method("loss-aware", levels=[0.5, 0.25])
     with pytest.raises(ConfigError, match="press"):
         get_method("loss-aware", press="nope")
+    with pytest.raises(ConfigError, match="toward_uniform"):
+        get_method("loss-aware", toward_uniform=1.5)

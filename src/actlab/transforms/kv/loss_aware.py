@@ -14,8 +14,10 @@ whose first term has mean ~0 at a trained model, so the estimate is the empirica
 (sum_q g_{t,q} . delta_{t,q})^2 (the same second-order reasoning as loss-aware sparsity, docs/loss-aware.md).
 Every head's estimates at the levels are made convex (the lower hull through r = 0); the allocation takes the
 cheapest hull segments, loss per token removed, until the ratios average the target (the last one partly).
-The recipe then records the calibration loss measured in the scenario, with these budgets and with the same
-ratio everywhere.
+The estimate adds heads up as if each were evicted alone; what they do together (many heads losing the same
+sink tokens at once) is measured instead: the allocation shrunk toward the same ratio everywhere by 0, 1/4, 1/2
+and all the way (uniform) is scored by the scenario's calibration loss, and the lowest wins (as loss-aware
+sparsity chooses its variant). The recipe records the losses it chose between.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from actlab.transforms.kv.budgets import keep_counts, visible_tokens
 from actlab.transforms.kv.method import OPTIONS, KVMethod
 
 LEVELS = (0.25, 0.5, 0.75, 0.875, 0.95)
+SHRINKAGES = (0.0, 0.25, 0.5, 1.0)  # toward the same ratio everywhere (1: uniform)
 
 
 def head_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, context: int, press: Any,
@@ -112,7 +115,7 @@ class LossAware(KVMethod):
     press = "snapkv"  # the default; `press=` picks another
 
     def __init__(self, press: str = "snapkv", context: float = 0.5, levels: tuple[float, ...] | list = LEVELS,
-                 **params: Any):
+                 toward_uniform: float | str = "auto", **params: Any):
         from actlab.transforms.kv import PRESSES
 
         options = {k: params.pop(k) for k in OPTIONS if k in params}
@@ -127,9 +130,13 @@ class LossAware(KVMethod):
         if not levels or any(not 0 < x < 1 for x in levels) or list(levels) != sorted(set(levels)):
             raise ConfigError(f"loss-aware: levels must rise within (0, 1), got {levels!r}")
         self.context, self.levels = float(context), levels
+        number = isinstance(toward_uniform, (int, float)) and not isinstance(toward_uniform, bool)
+        if toward_uniform != "auto" and not (number and 0 <= toward_uniform <= 1):
+            raise ConfigError(f"loss-aware: toward_uniform is a shrinkage in [0, 1] or 'auto', got {toward_uniform!r}")
+        self.toward_uniform = toward_uniform
 
     def params(self) -> dict[str, Any]:
-        return {"context": self.context, "levels": list(self.levels)}
+        return {"context": self.context, "levels": list(self.levels), "toward_uniform": self.toward_uniform}
 
     def calibrate(self, calib: Any, target: float):
         from actlab.progress import status
@@ -156,13 +163,21 @@ class LossAware(KVMethod):
         calib.reduce(errors)
         errors /= len(calib.windows)
         ratios = allocate(errors.view(-1, len(self.levels)), self.levels, target).view(ad.num_layers, -1)
-        recipe = self.recipe(lm, target, ratios, {**calib.describe(), "context_tokens": context,
-                                                  "levels": list(self.levels),
-                                                  "estimated_loss": errors.tolist()})
-        uniform = self.recipe(lm, target)
-        recipe.calibration["measured_loss"] = {"dense": scenario_loss(lm, calib, None, context),
-                                               "uniform": scenario_loss(lm, calib, uniform, context),
-                                               "loss-aware": scenario_loss(lm, calib, recipe, context)}
+        # the estimate adds heads up as if each were alone; what they do together is measured: the allocation is
+        # shrunk toward the same ratio everywhere by the amount whose scenario loss is lowest
+        shrinkages = SHRINKAGES if self.toward_uniform == "auto" else (float(self.toward_uniform),)
+        measured = {}
+        for b in shrinkages:
+            candidate = self.recipe(lm, target, (1 - b) * ratios + b * target)
+            measured[b] = (scenario_loss(lm, calib, candidate, context), candidate)
+        best = min(measured, key=lambda b: measured[b][0])
+        recipe = measured[best][1]
+        recipe.calibration.update({**calib.describe(), "context_tokens": context, "levels": list(self.levels),
+                                   "estimated_loss": errors.tolist(), "toward_uniform": best,
+                                   "selection_loss": {f"{b:g}": loss for b, (loss, _) in measured.items()}})
+        uniform = measured[1.0][0] if 1.0 in measured else scenario_loss(lm, calib, self.recipe(lm, target), context)
+        recipe.calibration["measured_loss"] = {"dense": scenario_loss(lm, calib, None, context), "uniform": uniform,
+                                               "loss-aware": measured[best][0]}
         return recipe
 
 
