@@ -16,7 +16,8 @@ from tests.conftest import shared_data
 
 pytestmark = pytest.mark.real
 
-SEQ_LEN, WINDOWS = 1024, 40
+# 8 windows of 1024 tokens: the agreement, not the full protocol (the 40-window protocol gives 21.38)
+SEQ_LEN, WINDOWS = 1024, 8
 
 
 def independent_ppl(gguf_path, text_path) -> float:
@@ -45,8 +46,6 @@ def test_cli_ppl_matches_plain_transformers(smollm2):
     assert result["tokens"] == WINDOWS * (SEQ_LEN - 1) and result["windows"] == WINDOWS
     reference = independent_ppl(BUILTINS["smollm2-135m"].gguf.local_path(), text)
     assert result["ppl"] == pytest.approx(reference, rel=1e-4)
-    # the README's published reference point for this protocol
-    assert result["ppl"] == pytest.approx(21.38, abs=0.01)
 
 
 def test_second_load_comes_from_cache(smollm2):

@@ -50,7 +50,9 @@ def close(a, b, where=""):
         assert a == b, where
 
 
-@pytest.mark.parametrize("method", ["loss-aware", "chess", "stat-topk"])
+# loss-aware: score histograms and gradient energies; stat-topk: per-channel moments and the variant chosen by
+# calibration loss (CHESS reads the same moments)
+@pytest.mark.parametrize("method", ["loss-aware", "stat-topk"])
 def test_sparsity_calibrated_on_two_processes_is_the_recipe_of_one(tmp_path, method):
     one, two = one_and_two(tmp_path, ["sparsify", "--method", method, "--sparsity", "0.4", "--windows", "2"], method)
     assert one.rules.keys() == two.rules.keys()
