@@ -78,13 +78,11 @@ def profile_tables(model: str, run: Path, log):
 
 
 def evaluate_part(model: str, name: str, recipes: dict, tasks: str, limit: int, log):
-    import hashlib
-
     from actlab.jobs.eval import eval_job
 
-    tag = hashlib.sha256(f"{tasks}|{sorted(recipes)}".encode()).hexdigest()[:8]  # another grid: another folder
+    # one folder per part and --limit: a grown grid (more methods, ratios or lengths) keeps the finished cells
     return eval_job(model, [str(p) for p in recipes.values()], tasks=tasks, limit=limit,
-                    out=str(WORK / model / f"eval-{name}-{limit}-{tag}"), log=log)
+                    out=str(WORK / model / f"eval-{name}-{limit}"), log=log)
 
 
 def retrieval_items(lm, tasks: list[str], items: int) -> dict[str, list[dict]]:

@@ -170,6 +170,18 @@ def test_loss_aware_budgets_average_the_ratio_and_record_what_they_cost(tmp_path
     chosen = r.calibration["selection_loss"]  # the allocation shrunk toward uniform: the lowest measured loss wins
     assert set(chosen) == {"0", "0.25", "0.5", "1"} and measured["loss-aware"] == min(chosen.values())
     assert measured["uniform"] == chosen["1"] and measured["loss-aware"] <= measured["uniform"]
+    # another ratio on the same set reads the estimates (they do not depend on the target) and equals a fresh set's
+    from actlab.transforms.kv import loss_aware
+
+    passes = []
+    traced = loss_aware.attention_and_gradients
+    monkeypatch.setattr(loss_aware, "attention_and_gradients", lambda *a: passes.append(1) or traced(*a))
+    again = get_method("loss-aware").calibrate(calib, 0.75)
+    assert passes == []
+    monkeypatch.setenv("ACTLAB_CACHE", str(tmp_path / "fresh"))
+    fresh = get_method("loss-aware").calibrate(CalibrationSet.from_corpus(lm, None, seq_len=128, windows=4), 0.75)
+    assert len(passes) == 4 and torch.equal(again.head_ratios, fresh.head_ratios)
+    assert again.calibration["measured_loss"] == fresh.calibration["measured_loss"]
     with pytest.raises(ConfigError, match="levels"):
         get_method("loss-aware", levels=[0.5, 0.25])
     with pytest.raises(ConfigError, match="press"):

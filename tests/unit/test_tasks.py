@@ -266,10 +266,58 @@ def test_an_interrupted_evaluation_resumes_to_the_same_results(tiny_llama, tmp_p
     monkeypatch.setattr(job.EvalCheckpoint, "save", saved)
     lines: list[str] = []
     resumed = job.eval_job(**args, out=str(tmp_path / "resumed"), log=lines.append)
-    assert sum("kept from the interrupted run" in line for line in lines) == 2
+    assert sum("kept from an earlier run" in line for line in lines) == 2
     assert resumed.table() == whole.table()
     for a, b in zip(whole.columns, resumed.columns):
         assert {t: r.records for t, r in a.results.items()} == {t: r.records for t, r in b.results.items()}
     assert (tmp_path / "resumed" / "compare.html").is_file()
     with pytest.raises(ConfigError, match="other limit"):
         job.eval_job(**{**args, "limit": 3}, out=str(tmp_path / "resumed"), log=lambda *a: None)
+
+
+def test_an_evaluation_directory_grows_with_more_recipes_and_tasks(tiny_llama, tmp_path):
+    """More recipes and tasks into the same --out: the cells an earlier run finished are read back, not recomputed,
+    and the table equals one evaluation of the whole grid in a new directory; a column whose recipe file changed
+    is refused; a state file of the layout before growth is read."""
+    from actlab.jobs import eval as job
+    from actlab.transforms.steer import InterventionRecipe, SiteEdit
+
+    def push(path, scale):
+        InterventionRecipe("manual", tiny_llama.identity.to_dict(),
+                           [SiteEdit("L1.resid_out", "add", torch.ones(tiny_llama.adapter.hidden_size), scale)]
+                           ).save(path)
+        return str(path)
+
+    first, second = push(tmp_path / "push.json", 2.0), push(tmp_path / "pull.json", -2.0)
+    mine = str(_task(tmp_path, MINE, ROWS))
+    quiet = lambda *a: None  # noqa: E731
+    job.eval_job("tiny-llama", [first], tasks=mine, limit=4, out=str(tmp_path / "grown"), progress=False, log=quiet)
+    lines: list[str] = []
+    grown = job.eval_job("tiny-llama", [first, second], tasks=f"{mine},lambada", limit=4, out=str(tmp_path / "grown"),
+                         progress=False, log=lines.append)
+    assert sorted(line.split(":")[0] for line in lines if "kept from an earlier run" in line) == ["dense", "push"]
+    whole = job.eval_job("tiny-llama", [first, second], tasks=f"{mine},lambada", limit=4, out=str(tmp_path / "whole"),
+                         progress=False, log=quiet)
+    assert grown.table() == whole.table()
+    # the earlier grid alone, from the grown directory: every cell kept, nothing computed
+    lines.clear()
+    job.eval_job("tiny-llama", [first], tasks=mine, limit=4, out=str(tmp_path / "grown"), progress=False,
+                 log=lines.append)
+    assert any("2 (column, task) results kept" in line for line in lines)
+    assert sum("kept from an earlier run" in line for line in lines) == 2
+    push(tmp_path / "push.json", 3.0)
+    with pytest.raises(ConfigError, match="column push from another recipe file"):
+        job.eval_job("tiny-llama", [first], tasks=mine, limit=4, out=str(tmp_path / "grown"), log=quiet)
+    # the layout before growth: one fingerprint with lists
+    state_file = tmp_path / "whole" / job.EvalCheckpoint.FILE
+    state = json.loads(state_file.read_text())
+    old = {k: v for k, v in state.items() if k not in ("model", "limit", "tasks", "recipes")}
+    old["fingerprint"] = {"model": state["model"], "limit": state["limit"],
+                          "tasks": [{"task": t, **v} for t, v in state["tasks"].items()],
+                          "columns": [{"name": n, "recipe": r} for n, r in state["recipes"].items()]}
+    state_file.write_text(json.dumps(old))
+    lines.clear()
+    again = job.eval_job("tiny-llama", [str(tmp_path / "pull.json")], tasks="lambada", limit=4,
+                         out=str(tmp_path / "whole"), progress=False, log=lines.append)
+    assert sum("kept from an earlier run" in line for line in lines) == 2
+    assert [c.name for c in again.columns] == ["dense", "pull"]

@@ -153,7 +153,7 @@ def evaluate(lm: Any, tasks: list[TaskSpec], columns: list[Column], limit: int |
         todo = [name for name in prepared if name not in col.results]
         for name in prepared:
             if name in resumed[col.name]:
-                log(f"{col.name}: {name} kept from the interrupted run")
+                log(f"{col.name}: {name} kept from an earlier run in --out")
         if todo:
             _run_column(lm, col, todo, prepared, progress and world.main, log, on_result, world)
         col.results = {name: col.results[name] for name in prepared}  # the tasks' order, whatever ran first

@@ -63,7 +63,7 @@ def eval_job(model: str, recipes: list[str], tasks: str = DEFAULT_TASKS, limit: 
         checkpoint = EvalCheckpoint(target, fingerprint)
         kept = parallel.agree(world, lambda: checkpoint.restore(columns, log) or
                               [(c.results, c.measured) for c in columns])
-        for col, (results, measured) in zip(columns, kept):  # rank 0 read what an interrupted run kept
+        for col, (results, measured) in zip(columns, kept):  # rank 0 read what an earlier run kept
             col.results, col.measured = results, measured
     result = evaluate(lm, specs, columns, limit=limit, progress=progress, log=log,
                       on_result=checkpoint.save if checkpoint else None, world=world)
@@ -115,7 +115,8 @@ def _output_dir(out: str) -> Path:
 
 def evaluation_fingerprint(lm: Any, specs: list[TaskSpec], limit: int | None, recipe_paths: list[str],
                            columns: list[Column]) -> dict[str, Any]:
-    """What an evaluation's results depend on: the model, --limit, the tasks and every recipe file's bytes."""
+    """What an evaluation's results depend on: the model and --limit (the same for every cell of a directory),
+    each task's version and each column's recipe file bytes (what one cell depends on)."""
     def file_sha(path: str) -> str:
         digest = hashlib.sha256(Path(path).read_bytes())
         sidecar = Path(f"{path}.safetensors")
@@ -125,39 +126,49 @@ def evaluation_fingerprint(lm: Any, specs: list[TaskSpec], limit: int | None, re
 
     return {"model": {"config": lm.identity.config_sha256, "weights": lm.identity.weights_sha256},
             "limit": limit,
-            "tasks": [{"task": s.task, "version": s.version, "output_type": s.output_type} for s in specs],
-            "columns": [{"name": c.name, "recipe": file_sha(p)} for c, p in zip(columns[1:], recipe_paths)]}
+            "tasks": {s.task: {"version": s.version, "output_type": s.output_type} for s in specs},
+            "recipes": {c.name: file_sha(p) for c, p in zip(columns[1:], recipe_paths)}}
 
 
 class EvalCheckpoint:
-    """An evaluation's `--out` directory as it fills: every finished (column, task) is written at once (its
-    per-item records and `eval-state.json`), so an interrupted `actlab eval` run again with the same arguments
-    continues where it stopped; other arguments into the same directory are refused, naming what differs."""
+    """An evaluation's `--out` directory as it fills: every finished (column, task) cell is written at once (its
+    per-item records and `eval-state.json`). Run again with the same arguments, `actlab eval` continues where it
+    stopped; with more recipes or tasks it keeps the finished cells and computes the new ones (the grid grows;
+    cells it no longer asks for stay on disk). Refused, naming what differs: another model or --limit, a task of
+    another version, a column name whose recipe file changed."""
 
     FILE = "eval-state.json"
 
     def __init__(self, out: Path, fingerprint: dict[str, Any]):
         self.out, self.fingerprint = out, fingerprint
-        self.state: dict[str, Any] = {"fingerprint": fingerprint, "done": {}, "measured": {}}
+        self.state: dict[str, Any] = {**fingerprint, "done": {}, "measured": {}}
 
     def restore(self, columns: list[Column], log: Callable[[str], None]) -> None:
         path = self.out / self.FILE
         if not path.is_file():
             return
-        saved = json.loads(path.read_text())
-        for key in ("model", "limit", "tasks", "columns"):
-            if saved["fingerprint"].get(key) != self.fingerprint[key]:
-                raise ConfigError(f"--out {self.out} holds an evaluation with other {key} "
-                                  f"({'recipe files' if key == 'columns' else key} differ); choose a new directory")
-        self.state = saved
+        saved = _current_layout(json.loads(path.read_text()))
+        for key in ("model", "limit"):
+            if saved[key] != self.fingerprint[key]:
+                raise ConfigError(f"--out {self.out} holds an evaluation with other {key}; choose a new directory")
+        for key, what in (("tasks", "task {} of another version"), ("recipes", "column {} from another recipe file")):
+            clash = sorted(k for k, v in self.fingerprint[key].items() if k in saved[key] and saved[key][k] != v)
+            if clash:
+                raise ConfigError(f"--out {self.out} holds an evaluation with {what.format(clash[0])}; choose a new "
+                                  "directory")
+        self.state = {**saved, "tasks": {**saved["tasks"], **self.fingerprint["tasks"]},
+                      "recipes": {**saved["recipes"], **self.fingerprint["recipes"]}}
         by_name = {c.name: c for c in columns}
         kept = 0
         for name, tasks in saved["done"].items():
             for task, entry in tasks.items():
+                if name not in by_name or task not in self.fingerprint["tasks"]:
+                    continue  # a cell of the grid this run does not ask for
                 lines = (self.out / "items" / name / f"{task}.jsonl").read_text().splitlines()
                 by_name[name].results[task] = TaskResult.from_saved(entry, [json.loads(line) for line in lines])
                 kept += 1
-            by_name[name].measured = saved["measured"].get(name, {})
+            if name in by_name:
+                by_name[name].measured = saved["measured"].get(name, {})
         log(f"resuming the evaluation in {self.out}: {kept} (column, task) results kept")
 
     def save(self, column: Column, result: TaskResult) -> None:
@@ -166,3 +177,14 @@ class EvalCheckpoint:
         self.state["done"].setdefault(column.name, {})[result.task] = result.to_dict()
         self.state["measured"][column.name] = column.measured
         atomic_write_json(self.out / self.FILE, self.state)
+
+
+def _current_layout(state: dict[str, Any]) -> dict[str, Any]:
+    """A state file written before evaluations could grow (one fingerprint with task and column lists) in the
+    current layout."""
+    if "fingerprint" not in state:
+        return state
+    old = state.pop("fingerprint")
+    return {**state, "model": old["model"], "limit": old["limit"],
+            "tasks": {t.pop("task"): t for t in old["tasks"]},
+            "recipes": {c["name"]: c["recipe"] for c in old["columns"]}}

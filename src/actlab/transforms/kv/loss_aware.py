@@ -139,8 +139,6 @@ class LossAware(KVMethod):
         return {"context": self.context, "levels": list(self.levels), "toward_uniform": self.toward_uniform}
 
     def calibrate(self, calib: Any, target: float):
-        from actlab.progress import status
-
         lm = calib.lm
         ad = lm.adapter
         press = self.make_press()
@@ -148,20 +146,12 @@ class LossAware(KVMethod):
         context = int(t * self.context)
         if not 1 <= context < t:
             raise ConfigError(f"loss-aware: calibration windows of {t} tokens leave no context to compress")
-        errors = torch.zeros(ad.num_layers, ad.num_kv_heads, len(self.levels), dtype=torch.float64)
-        mine = calib.local()  # this rank's windows; the estimates add up across ranks
-        for n, window in enumerate(mine):
-            if self.progress:
-                status(f"loss-aware KV budgets: window {n + 1}/{len(mine)} (forward, backward, "
-                       f"{len(self.levels)} levels x {ad.num_layers} layers)")
-            record, grads = attention_and_gradients(lm, window[None])
-            for i, layer in enumerate(ad.layers):
-                q, k, v, scaling, softcap = record[i]
-                grad = grads[i].view(t, ad.num_heads, ad.head_dim)
-                errors[i] += head_errors(q[0], k[0], v[0], grad, context, press, self.levels, scaling, softcap,
-                                         ad.sliding_window(layer))
-        calib.reduce(errors)
-        errors /= len(calib.windows)
+        # the estimates depend on the press, the levels and the windows, not on the target: every ratio calibrated
+        # on the same set reads them from its cache
+        estimate = {"press": self.press, "press_params": self.press_params, "levels": list(self.levels),
+                    "context": context, "options": self.options}
+        errors = calib._cached("kv-loss-aware-errors", estimate,
+                               lambda: {"errors": self._head_errors(calib, press, context)})["errors"]
         ratios = allocate(errors.view(-1, len(self.levels)), self.levels, target).view(ad.num_layers, -1)
         # the estimate adds heads up as if each were alone; what they do together is measured: the allocation is
         # shrunk toward the same ratio everywhere by the amount whose scenario loss is lowest
@@ -176,9 +166,35 @@ class LossAware(KVMethod):
                                    "estimated_loss": errors.tolist(), "toward_uniform": best,
                                    "selection_loss": {f"{b:g}": loss for b, (loss, _) in measured.items()}})
         uniform = measured[1.0][0] if 1.0 in measured else scenario_loss(lm, calib, self.recipe(lm, target), context)
-        recipe.calibration["measured_loss"] = {"dense": scenario_loss(lm, calib, None, context), "uniform": uniform,
+        dense = calib._cached("kv-dense-scenario-loss", context,
+                              lambda: {"loss": torch.tensor(scenario_loss(lm, calib, None, context))})["loss"]
+        recipe.calibration["measured_loss"] = {"dense": float(dense), "uniform": uniform,
                                                "loss-aware": measured[best][0]}
         return recipe
+
+    def _head_errors(self, calib: Any, press: Any, context: int) -> torch.Tensor:
+        """[layers, kv heads, levels]: the first-order loss change of compressing each head alone to each level,
+        averaged over the calibration windows."""
+        from actlab.progress import status
+
+        lm = calib.lm
+        ad = lm.adapter
+        t = calib.windows.shape[1]
+        errors = torch.zeros(ad.num_layers, ad.num_kv_heads, len(self.levels), dtype=torch.float64)
+        mine = calib.local()  # this rank's windows; the estimates add up across ranks
+        for n, window in enumerate(mine):
+            if self.progress:
+                status(f"loss-aware KV budgets: window {n + 1}/{len(mine)} (forward, backward, "
+                       f"{len(self.levels)} levels x {ad.num_layers} layers)")
+            record, grads = attention_and_gradients(lm, window[None])
+            for i, layer in enumerate(ad.layers):
+                q, k, v, scaling, softcap = record[i]
+                grad = grads[i].view(t, ad.num_heads, ad.head_dim)
+                errors[i] += head_errors(q[0], k[0], v[0], grad, context, press, self.levels, scaling, softcap,
+                                         ad.sliding_window(layer))
+        calib.reduce(errors)
+        errors /= len(calib.windows)
+        return errors
 
 
 def attention_and_gradients(lm: Any, ids: torch.Tensor) -> tuple[dict[int, tuple], dict[int, torch.Tensor]]:
