@@ -45,6 +45,27 @@ def calib(lm, tmp_cache):
                           {"seq_len": 48})
 
 
+def sublayer_io(lm, windows, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sublayer's input (the normed stream its module reads) and output, [tokens, d], with a plain forward hook
+    on its HF module (the dense model)."""
+    index, sub = part.split(".")
+    module = getattr(lm.adapter.layers[int(index[1:])], sub)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def record(m, args, kwargs, out):
+        x = args[0] if args else kwargs["hidden_states"]
+        seen.append((x.reshape(-1, x.shape[-1]), (out[0] if isinstance(out, tuple) else out).reshape(-1, x.shape[-1])))
+
+    handle = module.register_forward_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for w in windows:
+                lm.model(input_ids=w[None], use_cache=False)
+    finally:
+        handle.remove()
+    return torch.cat([u for u, _ in seen]), torch.cat([y for _, y in seen])
+
+
 def hidden_states(lm, windows):
     """Each block's input and the last block's output, [L+1, tokens, d], with plain forward hooks."""
     layers = lm.adapter.layers
@@ -154,8 +175,17 @@ def test_joint_meets_its_net_budget_and_records_the_loss_it_reaches(lm, calib, r
     assert saved / block_params(lm.adapter) >= 0.3
     assert recipe.calibration["net_removed_fraction"] == pytest.approx(saved / block_params(lm.adapter))
     assert set(recipe.repair) == (set() if repair == "none" else set(recipe.drop))
-    assert recipe.calibration["loss"] == pytest.approx(calibration_loss(calib, recipe.drop, repair=recipe.repair),
-                                                       rel=1e-6)
+    # repairs are fitted on the last two windows and the loss measured on the first (nothing to fit: all three)
+    measure = calib.windows[:1] if repair != "none" else calib.windows
+    assert (recipe.calibration["measure_windows"], recipe.calibration["fit_windows"]) == \
+        ((1, 2) if repair != "none" else (3, 0))
+    assert recipe.calibration["loss"] == pytest.approx(calibration_loss(calib, recipe.drop, measure,
+                                                                        repair=recipe.repair), rel=1e-6)
+    if repair == "linear":  # the first step's repairs: least squares on the fitting windows only
+        part = recipe.drop[0]
+        u, y = sublayer_io(lm, calib.windows[1:], part)
+        for name, tensor in fit_repair(u, y, "linear", rank=8).items():
+            torch.testing.assert_close(recipe.repair[part][name], tensor, rtol=1e-3, atol=1e-5)
     # the greedy step is the best per parameter among all first candidates (checked by brute force)
     first = recipe.calibration["steps"][0]["removed"]
     if repair == "none":
@@ -271,8 +301,8 @@ def test_methods_run_on_every_family(name, tmp_cache):
         recipe = get_method(method).calibrate(calib, 0.2)
         assert removed_fraction(lm.adapter, recipe.drop) >= 0.2
     joint = get_method("joint", repair="linear", rank=4).calibrate(calib, 0.2)
-    assert joint.calibration["loss"] == pytest.approx(calibration_loss(calib, joint.drop, repair=joint.repair),
-                                                      rel=1e-5)
+    assert joint.calibration["loss"] == pytest.approx(calibration_loss(calib, joint.drop, windows[:1],
+                                                                       repair=joint.repair), rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3", "tiny-gpt-neox", "tiny-phi3"])

@@ -7,7 +7,14 @@ greedy step takes the part with the least loss increase per parameter it saves, 
 parameters: Delta L(p | removed) / (params(p) - params(repair_p)). Every step measures on the model as it is
 (the parts removed so far, with their repairs), so interactions between removals are seen, as in SLEB.
 
-Cost: one forward pass over the calibration windows per measured candidate. Lazy evaluation (Minoux 1978)
+The repairs are fitted on some calibration windows and the loss is measured on the others (`held_out`, a
+quarter by default): a rank-32 map of a 576-wide stream fitted on 2k tokens memorises them - measured on
+SmolLM2, removing L23's attention with a repair fitted and measured on the same 4 x 512 tokens lowered that loss
+by 0.04 while raising the loss of other WikiText-2 text by 0.18; in-sample scores make the greedy pick the
+repairs that overfit most. Fitting is one pass per step and measuring one pass per candidate, so more windows
+for the fit cost little: raise --calib-windows.
+
+Cost: one forward pass over the measuring windows per measured candidate. Lazy evaluation (Minoux 1978)
 keeps it near linear: scores from earlier steps are taken as optimistic (a part rarely gets cheaper to remove
 as others go), and only the best candidate is re-measured each step until it stays best. Before each step one
 pass collects the moments every remaining candidate's repair is fitted from, on the current model, so a repair
@@ -43,20 +50,36 @@ class Joint(LayerMethod):
     measures_loss = True
     greedy = True
 
-    def __init__(self, repair: str = "linear", rank: int = 32, ridge: float = 1e-2):
+    def __init__(self, repair: str = "linear", rank: int = 32, ridge: float = 1e-2, held_out: float = 0.25):
         if repair not in KINDS:
             raise ConfigError(f"joint: repair must be one of {', '.join(KINDS)}, got {repair!r}")
         if not isinstance(rank, int) or rank < 1:
             raise ConfigError(f"joint: rank must be a positive integer, got {rank!r}")
-        self.repair_kind, self.rank, self.ridge = repair, rank, ridge
+        if isinstance(held_out, bool) or not isinstance(held_out, (int, float)) or not 0 < held_out < 1:
+            raise ConfigError(f"joint: held_out is the share of calibration windows the loss is measured on, in "
+                              f"(0, 1); got {held_out!r}")
+        self.repair_kind, self.rank, self.ridge, self.held_out = repair, rank, ridge, float(held_out)
 
     def params(self) -> dict[str, Any]:
-        return {"repair": self.repair_kind, "rank": self.rank, "ridge": self.ridge}
+        return {"repair": self.repair_kind, "rank": self.rank, "ridge": self.ridge, "held_out": self.held_out}
+
+    def split(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(windows the loss is measured on, windows the repairs are fitted on): the first `held_out` share and
+        the rest; without repairs there is nothing to fit and every window measures."""
+        if self.repair_kind == "none":
+            return windows, windows[:0]
+        n = len(windows)
+        if n < 2:
+            raise ConfigError("joint: fitting repairs needs at least 2 calibration windows (the repairs are fitted "
+                              "on some, the loss is measured on the others); raise --calib-windows")
+        measure = min(n - 1, max(1, round(n * self.held_out)))
+        return windows[:measure], windows[measure:]
 
     def calibrate(self, calib: Any, target: float) -> LayerRecipe:
         adapter = calib.lm.adapter
         total = block_params(adapter)
-        base = current = calibration_loss(calib)
+        measure_on, fit_on = self.split(calib.windows)
+        base = current = calibration_loss(calib, windows=measure_on)
         drop: list[str] = []
         repairs: dict[str, dict[str, torch.Tensor]] = {}
         steps: list[dict[str, Any]] = []
@@ -68,10 +91,10 @@ class Joint(LayerMethod):
             if not candidates:
                 raise ConfigError(f"joint: {target:.1%} of the parameters cannot be removed without removing every "
                                   "layer")
-            fresh = self._fit_repairs(calib, candidates, drop, repairs)
+            fresh = self._fit_repairs(calib, candidates, drop, repairs, fit_on)
 
             def measure(part: str) -> tuple[float, float]:
-                loss = calibration_loss(calib, [*drop, part], repair={**repairs, **_only(fresh, part)})
+                loss = calibration_loss(calib, [*drop, part], measure_on, repair={**repairs, **_only(fresh, part)})
                 net = part_params(adapter, part) - (repair_params(fresh[part]) if part in fresh else 0)
                 return (loss - current) / max(net, 1), loss
 
@@ -103,11 +126,12 @@ class Joint(LayerMethod):
                        f"calibration loss {loss:.4f} ({loss - base:+.4f}), {saved / total:.1%} of "
                        f"{target:.1%} saved")
         return self.recipe(calib, target, drop, {"dense_loss": base, "loss": current, "net_removed_fraction":
-                                                 saved / total, "steps": steps}, repair=repairs)
+                                                 saved / total, "steps": steps, "measure_windows": len(measure_on),
+                                                 "fit_windows": len(fit_on)}, repair=repairs)
 
-    def _fit_repairs(self, calib: Any, candidates: list[str], drop: list[str],
-                     repairs: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
-        """Each candidate's repair, fitted on the calibration windows with the current removals attached."""
+    def _fit_repairs(self, calib: Any, candidates: list[str], drop: list[str], repairs: dict[str, Any],
+                     windows: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """Each candidate's repair, fitted on `windows` with the current removals attached."""
         if self.repair_kind == "none":
             return {}
         from actlab.probe import Probe
@@ -130,7 +154,7 @@ class Joint(LayerMethod):
 
         layer = LayerRecipe("measure", lm.identity.to_dict(), list(drop), repair=dict(repairs)) if drop else None
         with Probe(lm, list(reads), collect), calib.attached([*calib.applied(), *([layer] if layer else [])]):
-            calib.run_windows("joint: repair moments", progress=False)
+            calib.run_windows("joint: repair moments", progress=False, windows=windows)
         for m in moments.values():
             m.sum_over_ranks(calib, lm.adapter.hidden_size, lm.adapter.hidden_size)
         return {p: m.fit(self.repair_kind, self.rank, self.ridge) for p, m in moments.items()}
