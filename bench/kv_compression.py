@@ -4,9 +4,9 @@ kvpress's presses as rows beside ours on the same retrieval items, the agreement
 decode speed and cache memory at long contexts.
 
     python bench/kv_compression.py [--models smollm2-135m] [--methods streaming-llm,knorm,snapkv,tova,h2o,
-        pyramidkv,headwise,loss-aware] [--ratios 0.25,0.5,0.75,0.875] [--kinds niah_single,passkey]
-        [--lengths 1024,2048,4096] [--items 20] [--ppl-windows 3] [--tasks arc_easy,...] [--task-limit 100]
-        [--parts retrieval,ppl,tasks,kvpress,agreement,speed]
+        pyramidkv,headwise,loss-aware,...] [--ratios 0.25,0.5,0.75,0.875] [--kinds niah_single,passkey]
+        [--lengths 1024,2048,4096] [--items 20] [--ppl-windows 3] [--ppl-methods M,...] [--ppl-ratios R,...]
+        [--tasks arc_easy,...] [--task-limit 100] [--parts retrieval,ppl,tasks,kvpress,agreement,speed]
 
 Recipes, the profile the head-wise policy reads and every evaluation live in bench/.work/kv/MODEL (resumable:
 an interrupted run continues where it stopped). kvpress runs in its own virtual environment
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from peers import TORCH_SPEC, VENVS, peer_python, write_results  # noqa: E402
 
 WORK = ROOT / "bench" / ".work" / "kv"
-METHODS = "streaming-llm,knorm,snapkv,tova,h2o,pyramidkv,headwise,loss-aware"
+METHODS = "streaming-llm,knorm,snapkv,tova,h2o,pyramidkv,headwise,loss-aware,loss-aware:phase=decode"
 KVPRESS = "streaming-llm,snapkv,knorm,tova,pyramidkv,expected-attention"
 TASKS = "arc_easy,arc_challenge,piqa,hellaswag,lambada"
 AGREEMENT = ("streaming-llm", "snapkv", "knorm", "tova")
@@ -40,7 +40,9 @@ AGREEMENT = ("streaming-llm", "snapkv", "knorm", "tova")
 
 def recipes_for(lm, model: str, methods: list[str], ratios: list[float], log) -> dict[tuple[str, float], Path]:
     """Each method x ratio's recipe, calibrated once into the work folder (the head-wise policy reads a profile of
-    the model made there first; loss-aware calibrates on WikiText-2 valid)."""
+    the model made there first; loss-aware calibrates on WikiText-2 valid). A method may carry options as on the
+    command line (`loss-aware:press=h2o;phase=decode`); its files and column are named after the whole spec."""
+    from actlab.cli import parse_method
     from actlab.jobs import setup
     from actlab.transforms.base import NoCalibration
     from actlab.transforms.kv import get_method
@@ -51,9 +53,11 @@ def recipes_for(lm, model: str, methods: list[str], ratios: list[float], log) ->
     calib = None
     for method in methods:
         for ratio in ratios:
-            path = folder / f"{method}-{ratio:g}.json"
+            slug = method.replace(":", "_").replace(";", "_").replace("=", "-")
+            path = folder / f"{slug}-{ratio:g}.json"
             if not path.is_file():
-                chosen = get_method(method)
+                name, params = parse_method(method)
+                chosen = get_method(name, **params)
                 chosen.progress = True
                 if chosen.needs_profile:
                     chosen.profile, chosen.profile_path = profile_tables(model, folder / "profile", log)
@@ -154,6 +158,9 @@ def main() -> None:
     ap.add_argument("--lengths", default="1024,2048,4096")
     ap.add_argument("--items", type=int, default=20, help="retrieval items per kind and length")
     ap.add_argument("--ppl-windows", type=int, default=3, help="4096-token WikiText-2 windows (wikitext2_kv)")
+    ap.add_argument("--ppl-methods", default=None, help="the methods perplexity under compression is measured for "
+                    "(default: every method; it is the slowest part)")
+    ap.add_argument("--ppl-ratios", default=None, help="and the ratios (default: every ratio)")
     ap.add_argument("--tasks", default=TASKS)
     ap.add_argument("--task-limit", type=int, default=100)
     ap.add_argument("--kvpress-presses", default=KVPRESS)
@@ -191,7 +198,10 @@ def main() -> None:
         if "retrieval" in parts:
             collect(evaluate_part(model, "retrieval", recipes, ",".join(retrieval), args.items, log))
         if "ppl" in parts:
-            collect(evaluate_part(model, "ppl", recipes, "wikitext2_kv", args.ppl_windows, log))
+            chosen = args.ppl_methods.split(",") if args.ppl_methods else args.methods.split(",")
+            at = [float(r) for r in args.ppl_ratios.split(",")] if args.ppl_ratios else ratios
+            collect(evaluate_part(model, "ppl", {(m, r): p for (m, r), p in recipes.items() if m in chosen and r in at},
+                                  "wikitext2_kv", args.ppl_windows, log))
         if "tasks" in parts:
             collect(evaluate_part(model, "tasks", recipes, args.tasks, args.task_limit, log))
         payload["columns"] = columns

@@ -20,7 +20,14 @@ from actlab.transforms.kv.base import CacheView
 from actlab.transforms.kv.budgets import keep_counts
 from actlab.transforms.kv.headwise import allocate as headwise_allocate
 from actlab.transforms.kv.headwise import head_scores
-from actlab.transforms.kv.loss_aware import allocate, attention_and_gradients, head_errors
+from actlab.transforms.kv.loss_aware import (
+    allocate,
+    attention_and_gradients,
+    head_errors,
+    running_head_errors,
+    running_traces,
+    scenario_loss,
+)
 
 
 def roles_tables(layers, heads, retrieval):
@@ -75,18 +82,19 @@ def test_headwise_reads_a_profile_run(tmp_path, tmp_cache):
     assert float(load_recipe(str(tmp_path / "h.json")).head_ratios[int(best["layer"]), kv_head]) == 0.0
 
 
-def brute_head_errors(q, k, v, grad, context, kept, scaling):
-    """The Fisher estimate for one KV head's evicted context, a query position at a time."""
+def brute_head_errors(q, k, v, grad, first, holds, scaling):
+    """The Fisher estimate for each KV head's eviction, a query position at a time from `first` on; holds(head,
+    query position, key position) says whether the head still holds that key for that query."""
     h, t, d = q.shape
     kv = k.shape[0]
     group = h // kv
     out = torch.zeros(kv, dtype=torch.float64)
     for head in range(kv):
-        for pos in range(context, t):
+        for pos in range(first, t):
             total = 0.0
             for qh in range(head * group, (head + 1) * group):
                 keys = list(range(pos + 1))
-                compressed = [p for p in keys if p >= context or kept[head][p]]
+                compressed = [p for p in keys if holds(head, pos, p)]
                 for chosen, sign in ((keys, -1.0), (compressed, 1.0)):
                     s = torch.tensor([float(q[qh, pos].double() @ k[head, p].double()) * scaling for p in chosen],
                                      dtype=torch.float64)
@@ -111,8 +119,32 @@ def test_head_errors_equal_a_loop_over_tokens(press_name):
         view = CacheView(k[None, :, :context], v[None, :, :context], q[None, :, context - w:context] if w else None,
                          d ** -0.5)
         kept = keep_mask(press.scores(view, keep), keep)[0]
-        expected = brute_head_errors(q, k, v, grad, context, kept.tolist(), d ** -0.5)
+        expected = brute_head_errors(q, k, v, grad, context, lambda h, _, p: p >= context or bool(kept[h, p]),
+                                     d ** -0.5)
         torch.testing.assert_close(errors[:, j], expected, rtol=1e-4, atol=1e-9)
+
+
+def test_running_head_errors_equal_a_loop_over_tokens():
+    """The running scenario: each forward's queries see what the head held when it ran (its own tokens whole)."""
+    g = torch.Generator().manual_seed(5)
+    h, kv, t, d, chunk = 4, 2, 24, 8, 6
+    q, k, v = torch.randn(h, t, d, generator=g), torch.randn(kv, t, d, generator=g), torch.randn(kv, t, d, generator=g)
+    grad = torch.randn(t, h, d, generator=g)
+    traces = []
+    for keep in (0.7, 0.4):
+        trace = []
+        for first in range(0, t, chunk):
+            held = torch.rand(kv, first + chunk, generator=g) < keep
+            held[:, first:] = True  # this forward's own tokens
+            trace.append((first, held))
+        traces.append(trace)
+    errors = running_head_errors(q, k, v, grad, traces, d ** -0.5, None, None)
+    for j, trace in enumerate(traces):
+        def holds(head, pos, p, trace=trace):
+            first, held = trace[pos // chunk]
+            return bool(held[head, p])
+        torch.testing.assert_close(errors[:, j], brute_head_errors(q, k, v, grad, 0, holds, d ** -0.5), rtol=1e-4,
+                                   atol=1e-9)
 
 
 def test_the_allocation_is_the_cheapest_on_the_levels():
@@ -188,3 +220,38 @@ def test_loss_aware_budgets_average_the_ratio_and_record_what_they_cost(tmp_path
         get_method("loss-aware", press="nope")
     with pytest.raises(ConfigError, match="toward_uniform"):
         get_method("loss-aware", toward_uniform=1.5)
+
+
+def test_the_running_scenario_holds_the_budget_and_scores_as_the_evaluation_does(tmp_path, monkeypatch):
+    """phase=decode calibrates for the cache held to its budget after every forward: the traces it reads hold
+    each head's count of what it saw, its losses are the chunked evaluation's, and dense is one plain forward."""
+    from actlab.eval.perplexity import perplexity
+    from actlab.transforms import attach
+
+    monkeypatch.setenv("ACTLAB_CACHE", str(tmp_path))
+    lm = actlab.load_model("tiny-llama")
+    calib = CalibrationSet.from_corpus(lm, None, seq_len=64, windows=8)
+    method = get_method("loss-aware", phase="decode", chunk=16)  # H2O: the press during decoding
+    trace = running_traces(lm, calib.windows[:1], method.recipe(lm, 0.5), 16)
+    assert sorted(trace) == list(range(lm.adapter.num_layers))
+    for forwards in trace.values():
+        assert [first for first, _ in forwards] == [0, 16, 32, 48]
+        for first, held in forwards[1:]:  # compressed after the forward before: max(1, int(seen * 0.5)) each
+            assert held[:, :first].sum(-1).tolist() == [first // 2] * lm.adapter.num_kv_heads
+            assert bool(held[:, first:].all())
+    with torch.no_grad():
+        logits = lm.model(input_ids=calib.windows).logits
+    dense = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), calib.windows[:, 1:].flatten())
+    assert scenario_loss(lm, calib, None, 0, 16) == pytest.approx(float(dense), rel=1e-5)
+    r = method.calibrate(calib, 0.5)
+    assert r.phase == "decode" and r.press == "h2o" and r.calibration["scenario"] == "running"
+    assert r.calibration["chunk"] == 16
+    assert r.head_ratios.mean().item() == pytest.approx(0.5) and r.params["chunk"] == 16
+    measured = r.calibration["measured_loss"]
+    assert measured["loss-aware"] == min(r.calibration["selection_loss"].values()) <= measured["uniform"]
+    assert measured["dense"] == pytest.approx(float(dense), rel=1e-5)
+    with attach(lm, r):
+        evaluated = perplexity(lm, calib.windows, progress=False, chunk=16).nll
+    assert measured["loss-aware"] == pytest.approx(evaluated, rel=1e-6) and evaluated != measured["dense"]
+    with pytest.raises(ConfigError, match="chunk"):
+        get_method("loss-aware", phase="decode", chunk=0)

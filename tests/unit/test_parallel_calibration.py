@@ -68,6 +68,8 @@ def test_layers_quant_and_kv_calibrated_on_two_processes_are_the_recipes_of_one(
     one, two = one_and_two(tmp_path, ["quant", "--method", "mixed", "--avg-bits", "5", "--group", "32", "--head"],
                            "mixed")
     assert {k: e["bits"] for k, e in one.weights.items()} == {k: e["bits"] for k, e in two.weights.items()}
-    one, two = one_and_two(tmp_path, ["kv", "--method", "loss-aware", "--ratio", "0.5"], "kv")
-    close(one.head_ratios, two.head_ratios, "head_ratios")
-    close(one.calibration["measured_loss"], two.calibration["measured_loss"], "measured_loss")
+    for phase in ("prefill", "decode"):  # decode: the running scenario (each rank reads its windows chunked)
+        one, two = one_and_two(tmp_path, ["kv", "--method", "loss-aware", "--phase", phase, "--ratio", "0.5"],
+                               f"kv-{phase}")
+        close(one.head_ratios, two.head_ratios, "head_ratios")
+        close(one.calibration["measured_loss"], two.calibration["measured_loss"], "measured_loss")

@@ -1,12 +1,16 @@
 """loss-aware KV budgets (actlab): each layer's and KV head's share of the cache from what evicting its tokens
 costs the calibration loss, estimated per head and per ratio, then allocated where it costs least.
 
-The scenario is the one KV compression serves: a context is read and compressed (query-agnostic: the press sees
-the context's own last queries), and the tokens after it attend to what is kept. On a calibration window the
-first `context` share is the context. For head h of layer l evicting at ratio r, the attention output of each
-query head q it serves changes by delta_{t,q} (recomputed exactly: the press's kept set, the model's queries,
-keys and values, causal and windowed); with g_{t,q} the gradient of the loss at that output (the o projection's
-input), the loss changes by
+The scenario is the one the recipe's phase serves. Prefill: a context is read and compressed (query-agnostic:
+the press sees the context's own last queries), and the tokens after it attend to what is kept; on a calibration
+window the first `context` share is the context. Decode (running): the window is read `chunk` tokens per
+forward and the cache held to its budget after each, so every query sees a cache the press has thinned as it
+grew - and a head given a high ratio loses its recent tokens too, which the prefill scenario never shows (its
+later tokens are all kept); which tokens a head holds at each forward is read from a run of the window with
+every head at the level. For head h of layer l evicting at ratio r, the attention output of each query head q
+it serves changes by delta_{t,q} (recomputed exactly: the press's kept set, the model's queries, keys and
+values, causal and windowed); with g_{t,q} the gradient of the loss at that output (the o projection's input),
+the loss changes by
 
     dL_h(r) ~ sum_t [ g_t . delta_t + 1/2 (g_t . delta_t)^2 ]
 
@@ -29,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from actlab.errors import ConfigError
+from actlab.progress import status
 from actlab.transforms.kv.base import ALL_QUERIES, CacheView, keep_mask
 from actlab.transforms.kv.budgets import keep_counts, visible_tokens
 from actlab.transforms.kv.method import OPTIONS, KVMethod
@@ -39,28 +44,19 @@ SHRINKAGES = (0.0, 0.25, 0.5, 1.0)  # toward the same ratio everywhere (1: unifo
 
 def head_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, context: int, press: Any,
                 levels: tuple[float, ...], scaling: float, softcap: float | None, window: int | None) -> torch.Tensor:
-    """[KV, levels]: the Fisher estimate of the loss change of evicting each KV head's context at each level.
+    """[KV, levels]: the Fisher estimate of the loss change of evicting each KV head's context at each level, the
+    prefill scenario (the press compresses the first `context` tokens once, with the context's last queries).
     q [H, T, D] (rotary applied), k / v [KV, T, D], grad [T, H, D] (dL / d attention output)."""
-    h, t, d = q.shape
-    kv = k.shape[0]
-    group = h // kv
+    kv, t = k.shape[0], k.shape[1]
     qf, kf, vf = q.float(), k.float(), v.float()
-    queries = qf[:, context:]  # [H, Tq, D]
-    logits = torch.einsum("hqd,htd->hqt", queries, kf.repeat_interleave(group, 0)) * scaling
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    distance = torch.arange(context, t)[:, None] - torch.arange(t)[None]
-    hidden = (distance < 0) | ((distance >= window) if window is not None else False)
-    full = logits.masked_fill(hidden, float("-inf")).softmax(-1) @ vf.repeat_interleave(group, 0)
-    g = grad[context:].float().permute(1, 0, 2)  # [H, Tq, D]
     visible = visible_tokens(context, window)
     lo = context - visible
     w = press.window if press.window != ALL_QUERIES else context
     w = min(w, context)
     view = CacheView(kf[None, :, lo:context], vf[None, :, lo:context], qf[None, :, context - w:context] if w else None,
                      scaling, softcap, positions=torch.arange(lo, context), window=window)
-    out = torch.zeros(kv, len(levels), dtype=torch.float64)
-    for j, ratio in enumerate(levels):
+    evictions = []
+    for ratio in levels:
         keep = keep_counts(torch.full((kv,), ratio, dtype=torch.float64), visible)
         w_level = min(w, int(keep.min()))
         if w_level != w:
@@ -68,10 +64,49 @@ def head_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.T
         kept = keep_mask(press.scores(view, keep), keep)[0]  # [KV, visible]
         evicted = torch.zeros(kv, t, dtype=torch.bool)
         evicted[:, lo:context] = ~kept
-        masked = logits.masked_fill(hidden | evicted.repeat_interleave(group, 0)[:, None, :], float("-inf"))
-        delta = masked.softmax(-1) @ vf.repeat_interleave(group, 0) - full  # [H, Tq, D]
-        first = (g * delta).sum(-1).view(kv, group, -1).sum(1)  # [KV, Tq]: g . delta over each head's group
-        out[:, j] = 0.5 * first.double().pow(2).sum(-1)
+        evictions.append(evicted[:, None, :])  # the same for every query after the context
+    return fisher_errors(q, k, v, grad, context, evictions, scaling, softcap, window)
+
+
+def running_head_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor,
+                        traces: list[list[tuple[int, torch.Tensor]]], scaling: float, softcap: float | None,
+                        window: int | None) -> torch.Tensor:
+    """[KV, levels]: the Fisher estimate of each KV head's loss change in the running scenario (the cache held to
+    its budget after every forward). `traces[j]` is what the queries of each forward saw at level j - (first
+    query's position, held [KV, positions]) as `KVSession.trace` records it - every query of the window counts."""
+    t = k.shape[1]
+    evictions = []
+    for trace in traces:
+        evicted = torch.zeros(k.shape[0], t, t, dtype=torch.bool)
+        for first, held in trace:
+            evicted[:, first:held.shape[-1], :held.shape[-1]] = ~held[:, None, :]
+        evictions.append(evicted)
+    return fisher_errors(q, k, v, grad, 0, evictions, scaling, softcap, window)
+
+
+def fisher_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, first: int,
+                  evictions: list[torch.Tensor], scaling: float, softcap: float | None,
+                  window: int | None) -> torch.Tensor:
+    """[KV, len(evictions)]: 1/2 sum_t (sum_{q in h} g_{t,q} . delta_{t,q})^2 for the queries from `first` on,
+    delta the change of the attention output when each KV head alone loses the keys `evictions[j]` marks
+    ([KV, queries or 1, T] bool) - the masks of the other heads' queries stay whole."""
+    h, t, d = q.shape
+    kv = k.shape[0]
+    group = h // kv
+    qf, kf, vf = q.float(), k.float().repeat_interleave(group, 0), v.float().repeat_interleave(group, 0)
+    logits = torch.einsum("hqd,htd->hqt", qf[:, first:], kf) * scaling
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    distance = torch.arange(first, t)[:, None] - torch.arange(t)[None]
+    hidden = (distance < 0) | ((distance >= window) if window is not None else False)
+    full = logits.masked_fill(hidden, float("-inf")).softmax(-1) @ vf
+    g = grad[first:].float().permute(1, 0, 2)  # [H, Tq, D]
+    out = torch.zeros(kv, len(evictions), dtype=torch.float64)
+    for j, evicted in enumerate(evictions):
+        masked = logits.masked_fill(hidden | evicted.repeat_interleave(group, 0), float("-inf"))
+        delta = masked.softmax(-1) @ vf - full  # [H, Tq, D]
+        first_order = (g * delta).sum(-1).view(kv, group, -1).sum(1)  # [KV, Tq]: g . delta over each head's group
+        out[:, j] = 0.5 * first_order.double().pow(2).sum(-1)
     return out
 
 
@@ -112,13 +147,15 @@ class LossAware(KVMethod):
     paper = "actlab (docs/kv.md)"
     budgets = "per layer and head, by the calibration loss each ratio costs"
     calibrated = True
-    press = "snapkv"  # the default; `press=` picks another
+    press = "snapkv"  # the default after a prompt, H2O during decoding; `press=` picks another
 
-    def __init__(self, press: str = "snapkv", context: float = 0.5, levels: tuple[float, ...] | list = LEVELS,
-                 toward_uniform: float | str = "auto", **params: Any):
+    def __init__(self, press: str | None = None, context: float = 0.5, levels: tuple[float, ...] | list = LEVELS,
+                 toward_uniform: float | str = "auto", chunk: int = 64, **params: Any):
         from actlab.transforms.kv import PRESSES
 
         options = {k: params.pop(k) for k in OPTIONS if k in params}
+        if press is None:  # SnapKV's observation window is a prompt's end; H2O's running score suits decoding
+            press = "h2o" if options.get("phase") == "decode" else "snapkv"
         if press not in PRESSES:
             raise ConfigError(f"loss-aware: press must be one of {', '.join(PRESSES)}, got {press!r}")
         self.press = press
@@ -134,9 +171,19 @@ class LossAware(KVMethod):
         if toward_uniform != "auto" and not (number and 0 <= toward_uniform <= 1):
             raise ConfigError(f"loss-aware: toward_uniform is a shrinkage in [0, 1] or 'auto', got {toward_uniform!r}")
         self.toward_uniform = toward_uniform
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ConfigError(f"loss-aware: chunk is the tokens per forward of the running scenario, a whole number "
+                              f">= 1; got {chunk!r}")
+        self.chunk = chunk
 
     def params(self) -> dict[str, Any]:
-        return {"context": self.context, "levels": list(self.levels), "toward_uniform": self.toward_uniform}
+        out = {"context": self.context, "levels": list(self.levels), "toward_uniform": self.toward_uniform}
+        return {**out, "chunk": self.chunk} if self.running else out
+
+    @property
+    def running(self) -> bool:
+        """The decode phase holds the cache to its budget after every forward: calibrate for that scenario."""
+        return self.options["phase"] == "decode"
 
     def calibrate(self, calib: Any, target: float):
         lm = calib.lm
@@ -148,8 +195,9 @@ class LossAware(KVMethod):
             raise ConfigError(f"loss-aware: calibration windows of {t} tokens leave no context to compress")
         # the estimates depend on the press, the levels and the windows, not on the target: every ratio calibrated
         # on the same set reads them from its cache
+        chunk = self.chunk if self.running else 0
         estimate = {"press": self.press, "press_params": self.press_params, "levels": list(self.levels),
-                    "context": context, "options": self.options}
+                    "context": context, "options": self.options, **({"chunk": chunk} if chunk else {})}
         errors = calib._cached("kv-loss-aware-errors", estimate,
                                lambda: {"errors": self._head_errors(calib, press, context)})["errors"]
         ratios = allocate(errors.view(-1, len(self.levels)), self.levels, target).view(ad.num_layers, -1)
@@ -158,25 +206,29 @@ class LossAware(KVMethod):
         shrinkages = SHRINKAGES if self.toward_uniform == "auto" else (float(self.toward_uniform),)
         measured = {}
         for b in shrinkages:
+            if self.progress:
+                status(f"loss-aware KV budgets: the {'running' if chunk else 'prefill'} scenario's loss with the "
+                       f"allocation {b:g} of the way to uniform")
             candidate = self.recipe(lm, target, (1 - b) * ratios + b * target)
-            measured[b] = (scenario_loss(lm, calib, candidate, context), candidate)
+            measured[b] = (scenario_loss(lm, calib, candidate, context, chunk), candidate)
         best = min(measured, key=lambda b: measured[b][0])
         recipe = measured[best][1]
-        recipe.calibration.update({**calib.describe(), "context_tokens": context, "levels": list(self.levels),
+        recipe.calibration.update({**calib.describe(), **({"chunk": chunk} if chunk else {"context_tokens": context}),
+                                   "scenario": "running" if chunk else "prefill", "levels": list(self.levels),
                                    "estimated_loss": errors.tolist(), "toward_uniform": best,
                                    "selection_loss": {f"{b:g}": loss for b, (loss, _) in measured.items()}})
-        uniform = measured[1.0][0] if 1.0 in measured else scenario_loss(lm, calib, self.recipe(lm, target), context)
-        dense = calib._cached("kv-dense-scenario-loss", context,
-                              lambda: {"loss": torch.tensor(scenario_loss(lm, calib, None, context))})["loss"]
+        uniform = (measured[1.0][0] if 1.0 in measured
+                   else scenario_loss(lm, calib, self.recipe(lm, target), context, chunk))
+        dense = calib._cached("kv-dense-scenario-loss", context if not chunk else {"chunk": chunk}, lambda: {
+            "loss": torch.tensor(scenario_loss(lm, calib, None, context, chunk))})["loss"]
         recipe.calibration["measured_loss"] = {"dense": float(dense), "uniform": uniform,
                                                "loss-aware": measured[best][0]}
         return recipe
 
     def _head_errors(self, calib: Any, press: Any, context: int) -> torch.Tensor:
         """[layers, kv heads, levels]: the first-order loss change of compressing each head alone to each level,
-        averaged over the calibration windows."""
-        from actlab.progress import status
-
+        averaged over the calibration windows. In the running scenario which tokens a head holds at each forward
+        is what the press keeps with every head at that level (read from a run of the window, `running_traces`)."""
         lm = calib.lm
         ad = lm.adapter
         t = calib.windows.shape[1]
@@ -187,11 +239,17 @@ class LossAware(KVMethod):
                 status(f"loss-aware KV budgets: window {n + 1}/{len(mine)} (forward, backward, "
                        f"{len(self.levels)} levels x {ad.num_layers} layers)")
             record, grads = attention_and_gradients(lm, window[None])
+            traces = [running_traces(lm, window[None], self.recipe(lm, level), self.chunk)
+                      for level in self.levels] if self.running else None
             for i, layer in enumerate(ad.layers):
                 q, k, v, scaling, softcap = record[i]
                 grad = grads[i].view(t, ad.num_heads, ad.head_dim)
-                errors[i] += head_errors(q[0], k[0], v[0], grad, context, press, self.levels, scaling, softcap,
-                                         ad.sliding_window(layer))
+                if traces is None:
+                    errors[i] += head_errors(q[0], k[0], v[0], grad, context, press, self.levels, scaling, softcap,
+                                             ad.sliding_window(layer))
+                else:
+                    errors[i] += running_head_errors(q[0], k[0], v[0], grad, [trace[i] for trace in traces],
+                                                     scaling, softcap, ad.sliding_window(layer))
         calib.reduce(errors)
         errors /= len(calib.windows)
         return errors
@@ -236,9 +294,27 @@ def attention_and_gradients(lm: Any, ids: torch.Tensor) -> tuple[dict[int, tuple
 
 
 @torch.no_grad()
-def scenario_loss(lm: Any, calib: Any, recipe: Any, context: int) -> float:
-    """Mean NLL of the tokens after the first `context` of each calibration window, the context read (and
-    compressed by `recipe`) in one forward and the rest in another through its cache."""
+def running_traces(lm: Any, ids: torch.Tensor, recipe: Any, chunk: int) -> dict[int, list[tuple[int, torch.Tensor]]]:
+    """Per layer, what the queries of each forward saw - (first query's position, held [KV, positions]) - when
+    `ids` [1, T] is read `chunk` tokens per forward with `recipe` holding the cache to its budget."""
+    from actlab.eval.perplexity import chunked_window_nll
+    from actlab.transforms import attach
+    from actlab.transforms.kv.session import SESSION
+
+    with attach(lm, recipe):
+        session = lm.adapter.layers[0].attn.__dict__[SESSION]
+        session.trace = {}
+        chunked_window_nll(lm.model, ids.to(lm.device), chunk)
+        return session.trace
+
+
+@torch.no_grad()
+def scenario_loss(lm: Any, calib: Any, recipe: Any, context: int, chunk: int = 0) -> float:
+    """Mean NLL of the calibration windows' tokens in the scenario: with `chunk`, the running one (every window
+    read `chunk` tokens per forward, the cache held to its budget as it grows; every token counts); else the
+    prefill one (the first `context` tokens read and compressed in one forward, the tokens after them read in
+    another through its cache; they count)."""
+    from actlab.eval.perplexity import chunked_window_nll
     from actlab.models.compat import output_cache, with_cache
     from actlab.transforms import attach
 
@@ -246,6 +322,10 @@ def scenario_loss(lm: Any, calib: Any, recipe: Any, context: int) -> float:
     with (attach(lm, recipe) if recipe is not None else _nothing()):
         for window in calib.local():
             ids = window[None].to(lm.device)
+            if chunk:
+                total += float(chunked_window_nll(lm.model, ids, chunk))
+                count += ids.shape[1] - 1
+                continue
             first = lm.model(input_ids=ids[:, :context], use_cache=True, logits_to_keep=1)
             rest = lm.model(input_ids=ids[:, context:-1], **with_cache(lm.model, output_cache(first)), use_cache=True)
             logits = torch.cat([first.logits[:, -1:], rest.logits], 1)[0].float()

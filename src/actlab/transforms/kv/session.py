@@ -88,6 +88,7 @@ class KVSession:
         self.ratios: torch.Tensor | None = None
         self.layers: dict[int, LayerCache] = {}
         self.record: dict[int, tuple] | None = None  # set to a dict: each layer's attention inputs are kept there
+        self.trace: dict[int, list] | None = None  # set to a dict: (first query, held [KV, positions]) per forward
         self.memo: dict | None = None  # while replaying: results every replay of one record shares
         self.kept = self.full = 0  # cached tokens the queries could use, and would without compression
 
@@ -144,6 +145,8 @@ class KVSession:
         tk = key.shape[2]
         state = self._advance(i, b, tq, tk, kwargs.get("position_ids"))
         alive = state.alive[..., state.end - tk:state.end]
+        if self.trace is not None:  # what this forward's queries see, before it compresses
+            self.trace.setdefault(i, []).append((state.end - tq, state.alive[0, :, :state.end].clone()))
         if bool(alive.all()):  # nothing evicted among these keys: the model's own computation, bit for bit
             out = self._underlying(module, query, key, value, mask, scaling, kwargs)
         else:
