@@ -13,7 +13,7 @@ an interrupted run continues where it stopped). kvpress runs in its own virtual 
 (bench/.venvs/kvpress, created on first use: `pip install kvpress`, which pins its own transformers) on the same
 token ids. Retrieval cells where the dense model is unreliable (accuracy under --reliable) are reported but left
 out of the goals' averages. Speed needs an otherwise quiet machine. Prints markdown tables and writes
-bench/results/kv_compression_MODEL.json.
+bench/results/kv_compression_MODEL.json, keeping what an earlier run wrote there and this one did not measure.
 """
 
 from __future__ import annotations
@@ -233,8 +233,27 @@ def main() -> None:
             payload["speed"] = {name: bench_context(model, str(recipes[name, 0.75]), contexts, tokens=32, reps=2,
                                                     log=log) for name in ("snapkv", "loss-aware")
                                 if (name, 0.75) in recipes}
+        out = ROOT / "bench" / "results" / f"kv_compression_{model.split('-')[0]}.json"
+        merge_earlier(payload, out)
         report(payload, retrieval, args)
-        write_results(ROOT / "bench" / "results" / f"kv_compression_{model.split('-')[0]}.json", payload)
+        write_results(out, payload)
+
+
+def merge_earlier(payload: dict, path: Path) -> None:
+    """Keep what an earlier run of this model wrote to `path` and this run did not measure (another part, method or
+    ratio): each column's cells, and the kvpress rows, agreement and speed this run left out."""
+    if not path.is_file():
+        return
+    earlier = json.loads(path.read_text())
+    if earlier.get("model") != payload["model"]:
+        return
+    for name, cells in earlier.get("columns", {}).items():
+        mine = payload.setdefault("columns", {}).setdefault(name, {})
+        payload["columns"][name] = {**cells, **mine, "measured": {**cells.get("measured", {}),
+                                                                  **mine.get("measured", {})}}
+    for part in ("kvpress", "agreement", "speed"):
+        if part in earlier and part not in payload:
+            payload[part] = earlier[part]
 
 
 def report(payload: dict, retrieval: list[str], args) -> None:
