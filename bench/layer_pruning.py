@@ -30,9 +30,10 @@ def calibrate(lm, method: str, fractions: list[float], calib_windows: int,
               seq_len: int) -> dict[float, tuple[Path | None, str | None]]:
     """Each fraction's recipe (path, or the reason it cannot be reached). A greedy method (SLEB, joint) is
     calibrated once for the largest fraction; the smaller ones are its prefixes (LayerMethod.prefix), which are
-    what calibrating for them would return."""
+    what calibrating for them would return. A greedy calibration for a grown grid continues the largest recipe
+    already made on the same calibration set, and an interrupted one resumes from its last step (both what
+    calibrating from nothing returns)."""
     from actlab.errors import ConfigError
-    from actlab.jobs import setup
     from actlab.transforms.layers import LayerRecipe, get_method
 
     chosen = get_method(method)
@@ -49,9 +50,7 @@ def calibrate(lm, method: str, fractions: list[float], calib_windows: int,
             if chosen.greedy and largest is not None:
                 recipe = chosen.prefix(largest, lm.adapter, fraction)
             else:
-                start = time.perf_counter()
-                recipe = chosen.calibrate(setup.calibration(lm, "wikitext2:valid", seq_len, calib_windows), fraction)
-                recipe.calibration["seconds"] = time.perf_counter() - start
+                recipe = calibrate_one(lm, chosen, path, fractions, fraction, calib_windows, seq_len)
                 largest = largest or recipe
         except ConfigError as exc:
             out[fraction] = None, str(exc)
@@ -59,6 +58,46 @@ def calibrate(lm, method: str, fractions: list[float], calib_windows: int,
         recipe.save(path)
         out[fraction] = path, None
     return {f: out[f] for f in fractions}
+
+
+def calibrate_one(lm, chosen, path: Path, fractions: list[float], fraction: float, calib_windows: int,
+                  seq_len: int):
+    """`chosen` calibrated for `fraction`, timed; a greedy method starts from its checkpoint (interrupted) or
+    from the largest smaller recipe of an earlier grid when either fits this calibration set."""
+    from actlab.errors import ConfigError
+    from actlab.jobs import setup
+    from actlab.jobs.layers import partial_path
+    from actlab.transforms.layers import LayerRecipe
+
+    calib = setup.calibration(lm, "wikitext2:valid", seq_len, calib_windows)
+    start, spent = None, 0.0
+    if chosen.greedy:
+        partial = partial_path(str(path))
+        earlier = [partial] + [WORK / f"{lm.name}-{chosen.name}-{f:g}.json" for f in
+                               sorted(set(fractions) | {0.125, 0.25, 0.375, 0.5}, reverse=True) if f < fraction]
+        for candidate in (p for p in earlier if p.is_file()):
+            try:
+                start = chosen.resume(calib, LayerRecipe.load(candidate), fraction)
+            except ConfigError as exc:
+                print(f"not continuing {candidate.name}: {exc}", file=sys.stderr)
+                continue
+            spent = start.calibration.get("seconds") or 0.0
+            print(f"continuing {candidate.name} ({len(start.drop)} steps) to {fraction:g}", file=sys.stderr)
+            break
+
+        def keep(step):  # the seconds so far travel with the checkpoint
+            step.calibration["seconds"] = spent + time.perf_counter() - began
+            step.save(partial)
+        chosen.checkpoint = keep
+    began = time.perf_counter()
+    recipe = chosen.calibrate(calib, fraction, start=start) if start is not None else chosen.calibrate(calib, fraction)
+    recipe.calibration["seconds"] = spent + time.perf_counter() - began
+    if chosen.greedy:
+        from actlab.transforms.io import sidecar_path
+
+        for leftover in (partial_path(str(path)), sidecar_path(partial_path(str(path)))):
+            leftover.unlink(missing_ok=True)
+    return recipe
 
 
 def main() -> None:

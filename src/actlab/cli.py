@@ -409,6 +409,9 @@ def layers_cmd(
                                              "by the measured loss of removing it (--save: a .csv)")] = False,
     run: Annotated[str | None, typer.Option(help="with --importance: a complete profile run of this model that gets "
                                                  "the measured ranking (its report shows it)")] = None,
+    extend: Annotated[str | None, typer.Option(help="a recipe of the same greedy method (sleb, joint) on the same "
+                                                    "calibration set: continue it to --budget instead of starting "
+                                                    "over")] = None,
     list_methods: Annotated[bool, typer.Option("--list-methods", help="list the methods and exit")] = False,
     as_json: JsonOpt = False,
     nproc: NprocOpt = 1,
@@ -421,6 +424,7 @@ def layers_cmd(
     Examples:
       actlab layers --method shortgpt --budget 0.25 --save short25.json
       actlab layers --method joint --budget 0.25 --eval wikitext2:test --windows 8 --save j25.json
+      actlab layers --method joint --budget 0.375 --extend j25.json --save j375.json
       actlab layers --remove L20,L21.attn --save drop.yaml
       actlab layers --importance --calib-windows 2 --run runs/demo
       actlab layers --list-methods
@@ -444,7 +448,8 @@ def layers_cmd(
         raise ConfigError("give --save: the layer recipe file to write (.json or .yaml)")
     name, params = parse_method(method) if method else (None, {})
     out = layers_job(model, save=save, remove=remove, method=name, budget=budget, params=params, calib=calib,
-                     seq_len=seq_len, calib_windows=calib_windows, eval_data=eval_data, windows=windows, log=_log)
+                     seq_len=seq_len, calib_windows=calib_windows, eval_data=eval_data, windows=windows,
+                     extend=extend, log=_log)
     lines = [f"{out['recipe']} -> {save}", f"removed {out['removed_fraction']:.1%} of the non-embedding parameters; "
              f"{out['cost_line']}"]
     if "calib_loss" in out:

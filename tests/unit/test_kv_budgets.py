@@ -124,8 +124,10 @@ def test_head_errors_equal_a_loop_over_tokens(press_name):
         torch.testing.assert_close(errors[:, j], expected, rtol=1e-4, atol=1e-9)
 
 
-def test_running_head_errors_equal_a_loop_over_tokens():
-    """The running scenario: each forward's queries see what the head held when it ran (its own tokens whole)."""
+@pytest.mark.parametrize("block", [256, 5])
+def test_running_head_errors_equal_a_loop_over_tokens(block):
+    """The running scenario: each forward's queries see what the head held when it ran (its own tokens whole);
+    summed over blocks of queries that cut across the forwards (5) or hold them all (256)."""
     g = torch.Generator().manual_seed(5)
     h, kv, t, d, chunk = 4, 2, 24, 8, 6
     q, k, v = torch.randn(h, t, d, generator=g), torch.randn(kv, t, d, generator=g), torch.randn(kv, t, d, generator=g)
@@ -138,7 +140,7 @@ def test_running_head_errors_equal_a_loop_over_tokens():
             held[:, first:] = True  # this forward's own tokens
             trace.append((first, held))
         traces.append(trace)
-    errors = running_head_errors(q, k, v, grad, traces, d ** -0.5, None, None)
+    errors = running_head_errors(q, k, v, grad, traces, d ** -0.5, None, None, block=block)
     for j, trace in enumerate(traces):
         def holds(head, pos, p, trace=trace):
             first, held = trace[pos // chunk]

@@ -290,6 +290,42 @@ def test_every_method_through_the_cli_writes_a_recipe_actlab_eval_takes(tmp_path
     assert summary["ppl"] > 0 and summary["calib_loss"] > 0
 
 
+def test_the_layers_job_extends_a_recipe_and_resumes_an_interrupted_calibration(tmp_path, tmp_cache):
+    """`--extend` and a checkpoint left beside --save both give the recipe a calibration from nothing gives, the
+    checkpoint goes once the recipe is saved, and one that does not fit is a clear error."""
+    import shutil
+
+    from actlab.jobs.layers import layers_job, partial_path
+    from actlab.transforms.io import sidecar_path
+
+    def job(budget, save, method="joint", **kw):
+        return layers_job("tiny-llama", method=method, params={"rank": 4} if method == "joint" else {},
+                          budget=budget, seq_len=64, calib_windows=8, save=str(tmp_path / save), progress=False, **kw)
+
+    job(0.2, "small.json")
+    job(0.5, "whole.json")
+    whole = LayerRecipe.load(tmp_path / "whole.json")
+    job(0.5, "extended.json", extend=str(tmp_path / "small.json"))
+    assert_same_calibration(LayerRecipe.load(tmp_path / "extended.json"), whole)
+
+    partial = partial_path(str(tmp_path / "resumed.json"))
+    assert partial.name == "resumed.partial.json"
+    shutil.copy(tmp_path / "small.json", partial)
+    shutil.copy(sidecar_path(tmp_path / "small.json"), sidecar_path(partial))
+    said: list[str] = []
+    job(0.5, "resumed.json", log=said.append)
+    assert any("resuming an interrupted calibration" in line for line in said)
+    assert_same_calibration(LayerRecipe.load(tmp_path / "resumed.json"), whole)
+    assert not partial.exists() and not sidecar_path(partial).exists()
+
+    job(0.2, "sleb.json", method="sleb")
+    shutil.copy(tmp_path / "sleb.json", partial)
+    with pytest.raises(ConfigError, match="left from an interrupted calibration"):
+        job(0.5, "resumed.json")
+    with pytest.raises(ConfigError, match="give --method"):
+        layers_job("tiny-llama", remove="L1", save=str(tmp_path / "x.json"), extend=str(tmp_path / "small.json"))
+
+
 @pytest.mark.parametrize("name", sorted(actlab.models.tiny.TINY_CONFIGS))
 def test_methods_run_on_every_family(name, tmp_cache):
     lm = actlab.load_model(name)
@@ -367,6 +403,59 @@ def test_a_greedy_recipe_for_a_smaller_budget_is_a_prefix_of_a_larger_one(lm, ca
         chosen.prefix(large, lm.adapter, 0.7)
     with pytest.raises(ConfigError, match="not greedy"):
         get_method("shortgpt").prefix(large, lm.adapter, 0.2)
+
+
+def assert_same_calibration(a: LayerRecipe, b: LayerRecipe) -> None:
+    assert a.drop == b.drop and a.target == b.target
+    assert a.calibration["steps"] == b.calibration["steps"]
+    assert a.calibration.get("pending") == b.calibration.get("pending")
+    assert a.calibration["loss"] == b.calibration["loss"]
+    assert set(a.repair) == set(b.repair)
+    for part in a.repair:
+        for name, tensor in a.repair[part].items():
+            torch.testing.assert_close(tensor, b.repair[part][name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["sleb", "joint"])
+def test_a_continued_greedy_calibration_equals_an_uninterrupted_one(lm, calib, method, tmp_path):
+    """Continuing from a recipe for a smaller budget, or from the checkpoint an interrupted calibration left on
+    disk, takes the steps (parts, losses, repairs, the lazy scores) calibrating from nothing takes; a start that
+    does not fit is refused."""
+    params = {"rank": 4} if method == "joint" else {}
+    chosen = get_method(method, **params)
+    whole = chosen.calibrate(calib, 0.6)
+    assert_same_calibration(chosen.calibrate(calib, 0.6, start=chosen.calibrate(calib, 0.2)), whole)
+
+    class Interrupted(Exception):
+        pass
+
+    path = tmp_path / "partial.json"
+
+    assert len(whole.drop) >= 2
+
+    def keep_and_stop(recipe):  # what the layers job does, then an interruption before the last step
+        recipe.save(path)
+        if len(recipe.drop) == len(whole.drop) - 1:
+            raise Interrupted
+
+    stopping = get_method(method, **params)
+    stopping.checkpoint = keep_and_stop
+    with pytest.raises(Interrupted):
+        stopping.calibrate(calib, 0.6)
+    partial = LayerRecipe.load(path)
+    assert partial.drop == whole.drop[:-1]
+    assert partial.calibration["removed_fraction"] == pytest.approx(removed_fraction(lm.adapter, partial.drop))
+    assert_same_calibration(chosen.calibrate(calib, 0.6, start=partial), whole)
+
+    with pytest.raises(ConfigError, match="more than"):
+        chosen.calibrate(calib, 0.2, start=whole)
+    other = CalibrationSet(lm, calib.windows[:2], calib.corpus, calib.protocol)
+    with pytest.raises(ConfigError, match="another calibration set"):
+        chosen.calibrate(other, 0.6, start=partial)
+    with pytest.raises(ConfigError, match="not greedy"):
+        get_method("shortgpt").resume(calib, partial, 0.6)
+    with pytest.raises(ConfigError, match="is not a"):
+        get_method("joint", rank=2).calibrate(calib, 0.6, start=partial if method == "joint" else whole)
 
 
 @pytest.mark.parametrize("name", sorted(actlab.models.tiny.TINY_CONFIGS))

@@ -4,6 +4,7 @@ say what it costs (calibration loss, the spine's cost line, optionally held-out 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from actlab import parallel
@@ -14,13 +15,19 @@ from actlab.jobs import setup
 def layers_job(model: str, *, save: str, remove: str | None = None, method: str | None = None,
                budget: float | None = None, params: dict[str, Any] | None = None, calib: str | None = None,
                seq_len: int = 1024, calib_windows: int = 4, eval_data: str | None = None, windows: int = 0,
-               log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
+               extend: str | None = None, log: Callable[[str], None] = print,
+               progress: bool = True) -> dict[str, Any]:
+    """`extend`: a recipe of the same greedy method (SLEB, joint) on the same calibration set to continue to the
+    larger `budget`. A greedy calibration keeps its last step beside `save` (partial_path) and, interrupted,
+    resumes from there when run again."""
     from actlab.transforms.layers import LayerRecipe, check_budget, get_method, removed_fraction
     from actlab.transforms.layers.importance import calibration_loss
 
     if (remove is None) == (method is None):
         raise ConfigError("give either --remove (the parts to remove) or --method with --budget; "
                           "--list-methods shows the methods")
+    if extend is not None and method is None:
+        raise ConfigError("--extend continues a greedy method's calibration: give --method and --budget too")
     if method is not None:
         if budget is None:
             raise ConfigError(f"--method {method} needs --budget (the fraction of non-embedding parameters to remove)")
@@ -36,10 +43,27 @@ def layers_job(model: str, *, save: str, remove: str | None = None, method: str 
     data = None
     if method is not None:
         data = setup.calibration(lm, calib, seq_len, calib_windows, world=world)
-        recipe = chosen.calibrate(data, budget)
+        start = LayerRecipe.load(extend) if extend else None
+        partial = partial_path(save)
+        if chosen.greedy:
+            if start is None and partial.is_file():
+                try:
+                    start = chosen.resume(data, LayerRecipe.load(partial), budget)
+                except ConfigError as exc:
+                    raise ConfigError(f"{partial} is left from an interrupted calibration this one cannot continue "
+                                      f"({exc}); delete it or run with the options it had") from None
+                log(f"resuming an interrupted calibration from {partial} ({len(start.drop)} steps done)")
+            if world.main:
+                chosen.checkpoint = lambda step: step.save(partial)
+        recipe = chosen.calibrate(data, budget, start=start) if start is not None else chosen.calibrate(data, budget)
     else:
         recipe = LayerRecipe("manual", lm.identity.to_dict(), parts)
     cost = setup.keep_recipe(recipe, lm, save, world)
+    if method is not None and world.main:
+        from actlab.transforms.io import sidecar_path
+
+        for path in (partial_path(save), sidecar_path(partial_path(save))):
+            path.unlink(missing_ok=True)
     out: dict[str, Any] = {"model": lm.name, "recipe": recipe.describe(), "method": recipe.method,
                            "drop": recipe.drop, "target": recipe.target,
                            "removed_fraction": removed_fraction(lm.adapter, recipe.drop),
@@ -51,6 +75,12 @@ def layers_job(model: str, *, save: str, remove: str | None = None, method: str 
     if windows:
         out.update(setup.perplexity_with_and_without(lm, recipe, eval_data, seq_len, windows, progress, world))
     return out
+
+
+def partial_path(save: str) -> Path:
+    """Where a greedy calibration keeps its last step until it finishes: beside `save`, `R.partial.json`."""
+    path = Path(save)
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
 
 
 def importance_job(model: str, *, calib: str | None = None, seq_len: int = 1024, calib_windows: int = 4,

@@ -27,6 +27,7 @@ sparsity chooses its variant). The recipe records the losses it chose between.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from actlab.transforms.kv.budgets import keep_counts, visible_tokens
 from actlab.transforms.kv.method import OPTIONS, KVMethod
 
 LEVELS = (0.25, 0.5, 0.75, 0.875, 0.95)
+QUERY_BLOCK = 256  # queries whose logits and masks the Fisher estimate holds at once
 SHRINKAGES = (0.0, 0.25, 0.5, 1.0)  # toward the same ratio everywhere (1: uniform)
 
 
@@ -65,49 +67,63 @@ def head_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.T
         evicted = torch.zeros(kv, t, dtype=torch.bool)
         evicted[:, lo:context] = ~kept
         evictions.append(evicted[:, None, :])  # the same for every query after the context
-    return fisher_errors(q, k, v, grad, context, evictions, scaling, softcap, window)
+    return fisher_errors(q, k, v, grad, context, lambda start, stop: evictions, scaling, softcap, window)
 
 
 def running_head_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor,
                         traces: list[list[tuple[int, torch.Tensor]]], scaling: float, softcap: float | None,
-                        window: int | None) -> torch.Tensor:
+                        window: int | None, block: int = QUERY_BLOCK) -> torch.Tensor:
     """[KV, levels]: the Fisher estimate of each KV head's loss change in the running scenario (the cache held to
     its budget after every forward). `traces[j]` is what the queries of each forward saw at level j - (first
     query's position, held [KV, positions]) as `KVSession.trace` records it - every query of the window counts."""
-    t = k.shape[1]
-    evictions = []
-    for trace in traces:
-        evicted = torch.zeros(k.shape[0], t, t, dtype=torch.bool)
-        for first, held in trace:
-            evicted[:, first:held.shape[-1], :held.shape[-1]] = ~held[:, None, :]
-        evictions.append(evicted)
-    return fisher_errors(q, k, v, grad, 0, evictions, scaling, softcap, window)
+    kv, t = k.shape[0], k.shape[1]
+
+    def evictions(start: int, stop: int) -> list[torch.Tensor]:  # the masks of query rows start..stop-1
+        out = []
+        for trace in traces:
+            evicted = torch.zeros(kv, stop - start, t, dtype=torch.bool)
+            for first, held in trace:  # this forward's queries: positions first..seen-1
+                seen = held.shape[-1]
+                lo, hi = max(first, start), min(seen, stop)
+                if lo < hi:
+                    evicted[:, lo - start:hi - start, :seen] = ~held[:, None, :]
+            out.append(evicted)
+        return out
+
+    return fisher_errors(q, k, v, grad, 0, evictions, scaling, softcap, window, block)
 
 
 def fisher_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, first: int,
-                  evictions: list[torch.Tensor], scaling: float, softcap: float | None,
-                  window: int | None) -> torch.Tensor:
-    """[KV, len(evictions)]: 1/2 sum_t (sum_{q in h} g_{t,q} . delta_{t,q})^2 for the queries from `first` on,
-    delta the change of the attention output when each KV head alone loses the keys `evictions[j]` marks
-    ([KV, queries or 1, T] bool) - the masks of the other heads' queries stay whole."""
+                  evictions: Callable[[int, int], list[torch.Tensor]], scaling: float, softcap: float | None,
+                  window: int | None, block: int = QUERY_BLOCK) -> torch.Tensor:
+    """[KV, levels]: 1/2 sum_t (sum_{q in h} g_{t,q} . delta_{t,q})^2 for the queries from `first` on, delta the
+    change of the attention output when each KV head alone loses the keys `evictions(start, stop)[j]` marks
+    ([KV, stop - start or 1, T] bool for the query rows start..stop-1) - the masks of the other heads' queries
+    stay whole. The sum runs over blocks of `block` queries: the logits and masks of a block at a time, not of
+    the whole window (a [heads, T, T] tensor per level at T = 4096 is gigabytes)."""
     h, t, d = q.shape
     kv = k.shape[0]
     group = h // kv
-    qf, kf, vf = q.float(), k.float().repeat_interleave(group, 0), v.float().repeat_interleave(group, 0)
-    logits = torch.einsum("hqd,htd->hqt", qf[:, first:], kf) * scaling
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    distance = torch.arange(first, t)[:, None] - torch.arange(t)[None]
-    hidden = (distance < 0) | ((distance >= window) if window is not None else False)
-    full = logits.masked_fill(hidden, float("-inf")).softmax(-1) @ vf
-    g = grad[first:].float().permute(1, 0, 2)  # [H, Tq, D]
-    out = torch.zeros(kv, len(evictions), dtype=torch.float64)
-    for j, evicted in enumerate(evictions):
-        masked = logits.masked_fill(hidden | evicted.repeat_interleave(group, 0), float("-inf"))
-        delta = masked.softmax(-1) @ vf - full  # [H, Tq, D]
-        first_order = (g * delta).sum(-1).view(kv, group, -1).sum(1)  # [KV, Tq]: g . delta over each head's group
-        out[:, j] = 0.5 * first_order.double().pow(2).sum(-1)
-    return out
+    kf, vf = k.float().repeat_interleave(group, 0), v.float().repeat_interleave(group, 0)
+    out = None
+    for start in range(first, t, block):
+        stop = min(t, start + block)
+        logits = torch.einsum("hqd,htd->hqt", q[:, start:stop].float(), kf) * scaling
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        distance = torch.arange(start, stop)[:, None] - torch.arange(t)[None]
+        hidden = (distance < 0) | ((distance >= window) if window is not None else False)
+        full = logits.masked_fill(hidden, float("-inf")).softmax(-1) @ vf
+        g = grad[start:stop].float().permute(1, 0, 2)  # [H, block, D]
+        masks = evictions(start, stop)
+        if out is None:
+            out = torch.zeros(kv, len(masks), dtype=torch.float64)
+        for j, evicted in enumerate(masks):
+            masked = logits.masked_fill(hidden | evicted.repeat_interleave(group, 0), float("-inf"))
+            delta = masked.softmax(-1) @ vf - full  # [H, block, D]
+            first_order = (g * delta).sum(-1).view(kv, group, -1).sum(1)  # [KV, block]: g . delta over the group
+            out[:, j] += 0.5 * first_order.double().pow(2).sum(-1)
+    return out if out is not None else torch.zeros(kv, len(evictions(t, t)), dtype=torch.float64)
 
 
 def allocate(errors: torch.Tensor, levels: tuple[float, ...], target: float) -> torch.Tensor:

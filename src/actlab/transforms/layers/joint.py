@@ -75,16 +75,27 @@ class Joint(LayerMethod):
         measure = min(n - 1, max(1, round(n * self.held_out)))
         return windows[:measure], windows[measure:]
 
-    def calibrate(self, calib: Any, target: float) -> LayerRecipe:
+    def calibrate(self, calib: Any, target: float, start: LayerRecipe | None = None) -> LayerRecipe:
         adapter = calib.lm.adapter
         total = block_params(adapter)
         measure_on, fit_on = self.split(calib.windows)
-        base = current = calibration_loss(calib, windows=measure_on)
-        drop: list[str] = []
-        repairs: dict[str, dict[str, torch.Tensor]] = {}
-        steps: list[dict[str, Any]] = []
-        stale: list[tuple[float, str]] = []  # (score, part), scores from earlier steps
-        saved = 0
+        start = self.resume(calib, start, target)
+        base = start.calibration["dense_loss"] if start else calibration_loss(calib, windows=measure_on)
+        drop: list[str] = list(start.drop) if start else []
+        repairs: dict[str, dict[str, torch.Tensor]] = dict(start.repair) if start else {}
+        steps: list[dict[str, Any]] = [dict(s) for s in start.calibration["steps"]] if start else []
+        current = steps[-1]["loss"] if steps else base
+        # (score, part): the scores of earlier steps, kept in the recipe so that a continued calibration takes
+        # the steps an uninterrupted one would (a recipe without them re-measures every candidate once)
+        stale: list[tuple[float, str]] = [(s, p) for p, s in start.calibration.get("pending", [])] if start else []
+        saved = sum(part_params(adapter, p) - (repair_params(repairs[p]) if p in repairs else 0) for p in drop)
+
+        def recipe(reached: float) -> LayerRecipe:
+            return self.recipe(calib, reached, drop, {
+                "dense_loss": base, "loss": current, "net_removed_fraction": saved / total, "steps": list(steps),
+                "pending": [[p, s] for s, p in sorted(stale)], "measure_windows": len(measure_on),
+                "fit_windows": len(fit_on)}, repair=dict(repairs))
+
         while saved / total < target:
             candidates = [p for p in candidate_parts(adapter, ["attn", "mlp"], drop)
                           if len(covered_layers([*drop, p])) < adapter.num_layers]
@@ -125,9 +136,8 @@ class Joint(LayerMethod):
                 status(f"joint: step {len(steps)}: removed {best}{' with its repair' if best in repairs else ''}, "
                        f"calibration loss {loss:.4f} ({loss - base:+.4f}), {saved / total:.1%} of "
                        f"{target:.1%} saved")
-        return self.recipe(calib, target, drop, {"dense_loss": base, "loss": current, "net_removed_fraction":
-                                                 saved / total, "steps": steps, "measure_windows": len(measure_on),
-                                                 "fit_windows": len(fit_on)}, repair=repairs)
+            self.step_done(recipe(min(steps[-1]["saved"], target)))
+        return recipe(target)
 
     def _fit_repairs(self, calib: Any, candidates: list[str], drop: list[str], repairs: dict[str, Any],
                      windows: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:

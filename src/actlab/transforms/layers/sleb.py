@@ -18,11 +18,17 @@ class SLEB(LayerMethod):
     measures_loss = True
     greedy = True
 
-    def calibrate(self, calib: Any, target: float):
+    def calibrate(self, calib: Any, target: float, start: Any = None):
         adapter = calib.lm.adapter
-        base = calibration_loss(calib)
-        drop: list[str] = []
-        steps = []
+        start = self.resume(calib, start, target)
+        base = start.calibration["dense_loss"] if start else calibration_loss(calib)
+        drop: list[str] = list(start.drop) if start else []
+        steps = [dict(s) for s in start.calibration["steps"]] if start else []
+
+        def recipe(reached: float):
+            return self.recipe(calib, reached, drop, {"dense_loss": base, "loss": steps[-1]["loss"] if steps else base,
+                                                     "steps": list(steps)})
+
         while removed_fraction(adapter, drop) < target:
             if len(drop) == adapter.num_layers - 1:
                 raise ConfigError(f"sleb: {target:.1%} of the parameters cannot be removed without removing "
@@ -32,5 +38,5 @@ class SLEB(LayerMethod):
             part = min(losses, key=lambda p: (losses[p], p))
             drop.append(part)
             steps.append({"removed": part, "loss": losses[part], "saved": removed_fraction(adapter, drop)})
-        return self.recipe(calib, target, drop, {"dense_loss": base, "loss": steps[-1]["loss"] if steps else base,
-                                                 "steps": steps})
+            self.step_done(recipe(min(steps[-1]["saved"], target)))
+        return recipe(target)
