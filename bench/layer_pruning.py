@@ -7,7 +7,8 @@ with decode speed (the engine) and prefill speed (the HF model with the removed 
 
 Recipes are calibrated once into bench/.work/layers/ and reused; the evaluation of each model is one resumable
 `actlab eval --out` directory (bench/.work/layers/eval-MODEL), so an interrupted run continues where it stopped.
-Prints a markdown table and writes bench/results/layer_pruning.json. A budget a method cannot reach (attention
+Prints a markdown table and writes bench/results/layer_pruning.json (keeping the rows an earlier run wrote there
+and this one did not measure). A budget a method cannot reach (attention
 sublayers alone hold too few parameters) is reported as such, not skipped silently. Speed numbers need an
 otherwise quiet machine.
 """
@@ -47,6 +48,8 @@ def calibrate(lm, method: str, fractions: list[float], calib_windows: int,
             largest = largest or LayerRecipe.load(path)
             continue
         try:
+            if chosen.greedy and largest is None:
+                largest = checkpoint_reaching(lm, method, fraction)
             if chosen.greedy and largest is not None:
                 recipe = chosen.prefix(largest, lm.adapter, fraction)
             else:
@@ -58,6 +61,16 @@ def calibrate(lm, method: str, fractions: list[float], calib_windows: int,
         recipe.save(path)
         out[fraction] = path, None
     return {f: out[f] for f in fractions}
+
+
+def checkpoint_reaching(lm, method: str, fraction: float):
+    """The checkpoint of a larger budget's greedy calibration (stopped, or still to resume) that already saves
+    `fraction`, if there is one: its prefix is the recipe for `fraction`."""
+    from actlab.transforms.layers import LayerRecipe
+
+    reached = [LayerRecipe.load(p) for p in WORK.glob(f"{lm.name}-{method}-*.partial.json")]
+    reached = [r for r in reached if r.target >= fraction]
+    return max(reached, key=lambda r: r.target) if reached else None
 
 
 def calibrate_one(lm, chosen, path: Path, fractions: list[float], fraction: float, calib_windows: int,
@@ -172,8 +185,17 @@ def main() -> None:
               + f" | {r.get('decode_speedup') or float('nan'):.2f} | {r.get('prefill_speedup') or float('nan'):.2f} |")
     for n in notes:
         print(f"- {n}")
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "notes": notes, "dense_speed": speeds},
-                                         indent=1))
+    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows + earlier_rows(Path(args.out), rows),
+                                          "notes": notes, "dense_speed": speeds}, indent=1))
+
+
+def earlier_rows(out: Path, rows: list[dict]) -> list[dict]:
+    """The rows an earlier run wrote to `out` that this run did not measure (another method or budget)."""
+    if not out.is_file():
+        return []
+    measured = {(r["model"], r["method"], r["target"]) for r in rows}
+    return [r for r in json.loads(out.read_text()).get("rows", [])
+            if (r["model"], r["method"], r["target"]) not in measured]
 
 
 if __name__ == "__main__":
