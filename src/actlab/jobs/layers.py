@@ -43,7 +43,7 @@ def layers_job(model: str, *, save: str, remove: str | None = None, method: str 
     data = None
     if method is not None:
         data = setup.calibration(lm, calib, seq_len, calib_windows, world=world)
-        start = LayerRecipe.load(extend) if extend else None
+        start = chosen.resume(data, LayerRecipe.load(extend), budget) if extend else None  # non-greedy: an error
         partial = partial_path(save)
         if chosen.greedy:
             if start is None and partial.is_file():
