@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +34,7 @@ def calibrate(lm, method: str, fractions: list[float], calib_windows: int,
     already made on the same calibration set, and an interrupted one resumes from its last step (both what
     calibrating from nothing returns)."""
     from actlab.errors import ConfigError
+    from actlab.jobs.layers import forget_checkpoint
     from actlab.transforms.layers import LayerRecipe, get_method
 
     chosen = get_method(method)
@@ -53,12 +53,13 @@ def calibrate(lm, method: str, fractions: list[float], calib_windows: int,
             if chosen.greedy and largest is not None:
                 recipe = chosen.prefix(largest, lm.adapter, fraction)
             else:
-                recipe = calibrate_one(lm, chosen, path, fractions, fraction, calib_windows, seq_len)
+                recipe = calibrate_one(lm, chosen, path, fraction, calib_windows, seq_len)
                 largest = largest or recipe
         except ConfigError as exc:
             out[fraction] = None, str(exc)
             continue
         recipe.save(path)
+        forget_checkpoint(path)  # saved: a greedy calibration's checkpoint is no longer needed
         out[fraction] = path, None
     return {f: out[f] for f in fractions}
 
@@ -73,44 +74,25 @@ def checkpoint_reaching(lm, method: str, fraction: float):
     return max(reached, key=lambda r: r.target) if reached else None
 
 
-def calibrate_one(lm, chosen, path: Path, fractions: list[float], fraction: float, calib_windows: int,
-                  seq_len: int):
-    """`chosen` calibrated for `fraction`, timed; a greedy method starts from its checkpoint (interrupted) or
-    from the largest smaller recipe of an earlier grid when either fits this calibration set."""
-    from actlab.errors import ConfigError
+def calibrate_one(lm, chosen, path: Path, fraction: float, calib_windows: int, seq_len: int):
+    """`chosen` calibrated for `fraction` (the recipe records its seconds); a greedy method resumes its checkpoint
+    (interrupted) or continues the largest smaller recipe of an earlier grid that fits this calibration set."""
     from actlab.jobs import setup
-    from actlab.jobs.layers import partial_path
-    from actlab.transforms.layers import LayerRecipe
+    from actlab.jobs.layers import calibrate_resumably
 
     calib = setup.calibration(lm, "wikitext2:valid", seq_len, calib_windows)
-    start, spent = None, 0.0
-    if chosen.greedy:
-        partial = partial_path(str(path))
-        earlier = [partial] + [WORK / f"{lm.name}-{chosen.name}-{f:g}.json" for f in
-                               sorted(set(fractions) | {0.125, 0.25, 0.375, 0.5}, reverse=True) if f < fraction]
-        for candidate in (p for p in earlier if p.is_file()):
-            try:
-                start = chosen.resume(calib, LayerRecipe.load(candidate), fraction)
-            except ConfigError as exc:
-                print(f"not continuing {candidate.name}: {exc}", file=sys.stderr)
-                continue
-            spent = start.calibration.get("seconds") or 0.0
-            print(f"continuing {candidate.name} ({len(start.drop)} steps) to {fraction:g}", file=sys.stderr)
-            break
+    smaller = sorted(((budget, p) for p in WORK.glob(f"{lm.name}-{chosen.name}-*.json")
+                      if (budget := budget_of(p)) is not None and budget < fraction), reverse=True)
+    earlier = [p for _, p in smaller]
+    return calibrate_resumably(chosen, calib, fraction, path, earlier=earlier, log=lambda m: print(m, file=sys.stderr))
 
-        def keep(step):  # the seconds so far travel with the checkpoint
-            step.calibration["seconds"] = spent + time.perf_counter() - began
-            step.save(partial)
-        chosen.checkpoint = keep
-    began = time.perf_counter()
-    recipe = chosen.calibrate(calib, fraction, start=start) if start is not None else chosen.calibrate(calib, fraction)
-    recipe.calibration["seconds"] = spent + time.perf_counter() - began
-    if chosen.greedy:
-        from actlab.transforms.io import sidecar_path
 
-        for leftover in (partial_path(str(path)), sidecar_path(partial_path(str(path)))):
-            leftover.unlink(missing_ok=True)
-    return recipe
+def budget_of(path: Path) -> float | None:
+    """The budget in a recipe file's name, MODEL-METHOD-BUDGET.json (None if it has none: a checkpoint)."""
+    try:
+        return float(path.stem.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return None
 
 
 def main() -> None:

@@ -445,7 +445,10 @@ def test_a_continued_greedy_calibration_equals_an_uninterrupted_one(lm, calib, m
     partial = LayerRecipe.load(path)
     assert partial.drop == whole.drop[:-1]
     assert partial.calibration["removed_fraction"] == pytest.approx(removed_fraction(lm.adapter, partial.drop))
-    assert_same_calibration(chosen.calibrate(calib, 0.6, start=partial), whole)
+    resumed = chosen.calibrate(calib, 0.6, start=partial)
+    assert_same_calibration(resumed, whole)
+    # the seconds of the interrupted run travel with its checkpoint and count in the resumed recipe's
+    assert 0 < partial.calibration["seconds"] < resumed.calibration["seconds"]
 
     with pytest.raises(ConfigError, match="more than"):
         chosen.calibrate(calib, 0.2, start=whole)
@@ -453,7 +456,7 @@ def test_a_continued_greedy_calibration_equals_an_uninterrupted_one(lm, calib, m
     with pytest.raises(ConfigError, match="another calibration set"):
         chosen.calibrate(other, 0.6, start=partial)
     with pytest.raises(ConfigError, match="not greedy"):
-        get_method("shortgpt").resume(calib, partial, 0.6)
+        get_method("shortgpt").calibrate(calib, 0.6, start=partial)
     with pytest.raises(ConfigError, match="is not a"):
         get_method("joint", rank=2).calibrate(calib, 0.6, start=partial if method == "joint" else whole)
 

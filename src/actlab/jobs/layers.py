@@ -43,27 +43,12 @@ def layers_job(model: str, *, save: str, remove: str | None = None, method: str 
     data = None
     if method is not None:
         data = setup.calibration(lm, calib, seq_len, calib_windows, world=world)
-        start = chosen.resume(data, LayerRecipe.load(extend), budget) if extend else None  # non-greedy: an error
-        partial = partial_path(save)
-        if chosen.greedy:
-            if start is None and partial.is_file():
-                try:
-                    start = chosen.resume(data, LayerRecipe.load(partial), budget)
-                except ConfigError as exc:
-                    raise ConfigError(f"{partial} is left from an interrupted calibration this one cannot continue "
-                                      f"({exc}); delete it or run with the options it had") from None
-                log(f"resuming an interrupted calibration from {partial} ({len(start.drop)} steps done)")
-            if world.main:
-                chosen.checkpoint = lambda step: step.save(partial)
-        recipe = chosen.calibrate(data, budget, start=start) if start is not None else chosen.calibrate(data, budget)
+        recipe = calibrate_resumably(chosen, data, budget, save, extend=extend, log=log, main=world.main)
     else:
         recipe = LayerRecipe("manual", lm.identity.to_dict(), parts)
     cost = setup.keep_recipe(recipe, lm, save, world)
     if method is not None and world.main:
-        from actlab.transforms.io import sidecar_path
-
-        for path in (partial_path(save), sidecar_path(partial_path(save))):
-            path.unlink(missing_ok=True)
+        forget_checkpoint(save)
     out: dict[str, Any] = {"model": lm.name, "recipe": recipe.describe(), "method": recipe.method,
                            "drop": recipe.drop, "target": recipe.target,
                            "removed_fraction": removed_fraction(lm.adapter, recipe.drop),
@@ -77,10 +62,53 @@ def layers_job(model: str, *, save: str, remove: str | None = None, method: str 
     return out
 
 
-def partial_path(save: str) -> Path:
+def partial_path(save: str | Path) -> Path:
     """Where a greedy calibration keeps its last step until it finishes: beside `save`, `R.partial.json`."""
     path = Path(save)
     return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
+def calibrate_resumably(chosen: Any, data: Any, budget: float, save: str | Path, *, extend: str | Path | None = None,
+                        earlier: list[str | Path] = (), log: Callable[[str], None] = print,
+                        main: bool = True) -> Any:
+    """`chosen` calibrated on `data` for `budget`, to be saved at `save`. A greedy method continues, in this order
+    of preference: the checkpoint an interrupted run left beside `save` (partial_path; one that does not fit is an
+    error: deleting it is the user's call), else `extend` (which must fit), else the first of `earlier` that fits (the
+    others are logged and passed over). While it runs, its last step is kept at partial_path(save) (by the
+    main rank); forget_checkpoint removes it once the recipe is saved."""
+    from actlab.transforms.layers import LayerRecipe
+
+    partial = partial_path(save)
+    start = None
+    if chosen.greedy and partial.is_file():
+        try:
+            start = chosen.resume(data, LayerRecipe.load(partial), budget)
+        except ConfigError as exc:
+            raise ConfigError(f"{partial} is left from an interrupted calibration this one cannot continue ({exc}); "
+                              "delete it or run with the options it had") from None
+        log(f"resuming an interrupted calibration from {partial} ({len(start.drop)} steps done)")
+    elif extend is not None:
+        start = chosen.resume(data, LayerRecipe.load(extend), budget)  # not greedy, or not fitting: an error
+    elif chosen.greedy:
+        for path in (p for p in earlier if Path(p).is_file()):
+            try:
+                start = chosen.resume(data, LayerRecipe.load(path), budget)
+                break
+            except ConfigError as exc:
+                log(f"not continuing {path}: {exc}")
+    if start is not None and not partial.is_file():
+        log(f"continuing {start.describe()} ({len(start.drop)} steps) to {budget:g}")
+    if chosen.greedy and main:
+        chosen.checkpoint = lambda step: step.save(partial)
+    return chosen.calibrate(data, budget, start=start)
+
+
+def forget_checkpoint(save: str | Path) -> None:
+    """Remove the checkpoint (and its tensors) a greedy calibration kept beside `save`, once the recipe is saved."""
+    from actlab.transforms.io import sidecar_path
+
+    for path in (partial_path(save), sidecar_path(partial_path(save))):
+        path.unlink(missing_ok=True)
 
 
 def importance_job(model: str, *, calib: str | None = None, seq_len: int = 1024, calib_windows: int = 4,

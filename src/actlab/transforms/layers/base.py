@@ -7,6 +7,7 @@ that records what it measured.
 
 from __future__ import annotations
 
+import time
 from abc import abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -32,11 +33,25 @@ class LayerMethod(Method):
     # so an interrupted calibration resumes from its last step)
     checkpoint: Callable[[LayerRecipe], None] | None = None
 
-    @abstractmethod
     def calibrate(self, calib: Any, target: float, start: LayerRecipe | None = None) -> LayerRecipe:
         """The parts to remove for `target` (a fraction of the non-embedding parameters). A greedy method given
-        `start` (its own recipe on the same calibration set) continues from its steps instead of measuring them
-        again: what it returns is what calibrating from nothing would."""
+        `start` (its own recipe on the same calibration set, `resume`) continues from its steps instead of
+        measuring them again: what it returns is what calibrating from nothing would. The recipe records the
+        calibration's seconds, those its start had taken included."""
+        start = self.resume(calib, start, target)
+        self._spent = (start.calibration.get("seconds") or 0.0) if start is not None else 0.0
+        self._began = time.perf_counter()
+        recipe = self.choose(calib, target, start)
+        recipe.calibration["seconds"] = self.seconds()
+        return recipe
+
+    @abstractmethod
+    def choose(self, calib: Any, target: float, start: LayerRecipe | None) -> LayerRecipe:
+        """`calibrate` without the checks: `start` is None, or (greedy methods) a recipe `resume` accepted."""
+
+    def seconds(self) -> float:
+        """Seconds the calibration under way has taken, those of the recipe it continues included."""
+        return self._spent + time.perf_counter() - self._began
 
     def params(self) -> dict[str, Any]:
         return {}
@@ -76,6 +91,7 @@ class LayerMethod(Method):
 
     def step_done(self, recipe: LayerRecipe) -> None:
         if self.checkpoint is not None:
+            recipe.calibration["seconds"] = self.seconds()
             self.checkpoint(recipe)
 
     def prefix(self, recipe: LayerRecipe, adapter: Any, target: float) -> LayerRecipe:

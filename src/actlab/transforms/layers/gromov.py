@@ -17,7 +17,7 @@ class Gromov(LayerMethod):
     paper = "Gromov et al. 2024, The Unreasonable Ineffectiveness of the Deeper Layers (arXiv:2403.17887)"
     removes = "a contiguous span of blocks"
 
-    def calibrate(self, calib: Any, target: float):
+    def choose(self, calib: Any, target: float, start: None = None):
         adapter = calib.lm.adapter
         distance = depth_statistics(calib).angular
         n_layers = adapter.num_layers

@@ -75,11 +75,10 @@ class Joint(LayerMethod):
         measure = min(n - 1, max(1, round(n * self.held_out)))
         return windows[:measure], windows[measure:]
 
-    def calibrate(self, calib: Any, target: float, start: LayerRecipe | None = None) -> LayerRecipe:
+    def choose(self, calib: Any, target: float, start: LayerRecipe | None = None) -> LayerRecipe:
         adapter = calib.lm.adapter
         total = block_params(adapter)
         measure_on, fit_on = self.split(calib.windows)
-        start = self.resume(calib, start, target)
         base = start.calibration["dense_loss"] if start else calibration_loss(calib, windows=measure_on)
         drop: list[str] = list(start.drop) if start else []
         repairs: dict[str, dict[str, torch.Tensor]] = dict(start.repair) if start else {}

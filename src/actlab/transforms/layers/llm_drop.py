@@ -19,7 +19,7 @@ class AttentionDrop(LayerMethod):
     removes = "attention sublayers"
     sublayer: ClassVar[str] = "attn"
 
-    def calibrate(self, calib: Any, target: float):
+    def choose(self, calib: Any, target: float, start: None = None):
         stats = depth_statistics(calib)
         influence = (stats.attn_influence if self.sublayer == "attn" else stats.mlp_influence).tolist()
         if any(v != v for v in influence):

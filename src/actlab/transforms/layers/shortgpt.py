@@ -15,7 +15,7 @@ class ShortGPT(LayerMethod):
     paper = "Men et al. 2024, ShortGPT (arXiv:2403.03853)"
     removes = "blocks"
 
-    def calibrate(self, calib: Any, target: float):
+    def choose(self, calib: Any, target: float, start: None = None):
         bi = depth_statistics(calib).block_influence.tolist()
         order = sorted(range(len(bi)), key=lambda i: (bi[i], i))
         drop = take_until([layer_key(i) for i in order], calib.lm.adapter, target, "removing blocks")

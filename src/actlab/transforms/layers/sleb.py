@@ -18,9 +18,8 @@ class SLEB(LayerMethod):
     measures_loss = True
     greedy = True
 
-    def calibrate(self, calib: Any, target: float, start: Any = None):
+    def choose(self, calib: Any, target: float, start: Any = None):
         adapter = calib.lm.adapter
-        start = self.resume(calib, start, target)
         base = start.calibration["dense_loss"] if start else calibration_loss(calib)
         drop: list[str] = list(start.drop) if start else []
         steps = [dict(s) for s in start.calibration["steps"]] if start else []
