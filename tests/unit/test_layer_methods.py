@@ -28,7 +28,7 @@ from actlab.transforms.layers.importance import (
     part_params,
     take_until,
 )
-from actlab.transforms.layers.repair import RepairMoments, apply_repair, fit_repair, repair_params
+from actlab.transforms.layers.repair import PreparedRepair, RepairMoments, apply_repair, fit_repair, repair_params
 
 from .test_layers import built_without
 
@@ -216,6 +216,12 @@ def test_repair_fit_equals_least_squares_and_streams():
     mean = fit_repair(u, y, "mean")
     torch.testing.assert_close(apply_repair(u.float(), mean), y.mean(0).float().expand(400, 10))
     assert repair_params(fit) == 12 + 12 * 3 + 3 * 10 + 10
+    # the engine's form (the mean folded into the bias, one token at a time) computes the same map
+    for repair in (fit, mean):
+        prepared, x = PreparedRepair(repair), u.float()
+        expected = apply_repair(x, repair)
+        torch.testing.assert_close(torch.stack([prepared(row) for row in x[:20]]), expected[:20], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(prepared(x), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_a_repaired_sublayer_computes_its_fitted_map_of_the_sublayer_input(lm, tmp_path):

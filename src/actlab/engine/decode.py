@@ -51,9 +51,9 @@ def _repair_fn(repair):
     """A removed part's repair as a function of one token's vector, or None."""
     if repair is None:
         return None
-    from actlab.transforms.layers.repair import apply_repair
+    from actlab.transforms.layers.repair import PreparedRepair
 
-    return lambda x, r=repair: apply_repair(x, r)
+    return PreparedRepair(repair)
 
 
 def rotate_part(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -95,5 +95,26 @@ def apply_repair(u: torch.Tensor, repair: dict[str, torch.Tensor]) -> torch.Tens
     return out.to(dtype)
 
 
+class PreparedRepair:
+    """apply_repair for a decode loop, which calls it once per token: the float32 tensors made once and the input
+    mean folded into the bias, g(u) = (u D) U + (b - mu_u D U), two matrix-vector products for one token."""
+
+    def __init__(self, repair: dict[str, torch.Tensor]):
+        down, up, bias = (repair[k].detach().float() for k in ("down", "up", "bias"))
+        self.rank = down.shape[1]
+        self.down_t, self.up_t = down.t().contiguous(), up.t().contiguous()  # [r, d_in], [d_out, r]
+        self.bias = bias - (repair["mean_in"].float() @ down) @ up if self.rank else bias
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        x = u.float()
+        if not self.rank:
+            out = self.bias.expand(*u.shape[:-1], self.bias.shape[-1])
+        elif x.dim() == 1:
+            out = torch.addmv(self.bias, self.up_t, torch.mv(self.down_t, x))
+        else:
+            out = (x @ self.down_t.t()) @ self.up_t.t() + self.bias
+        return out.to(u.dtype)
+
+
 def repair_params(repair: dict[str, torch.Tensor]) -> int:
     return sum(int(repair[name].numel()) for name in TENSORS)
