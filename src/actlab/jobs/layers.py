@@ -3,7 +3,7 @@ say what it costs (calibration loss, the spine's cost line, optionally held-out 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ def partial_path(save: str | Path) -> Path:
 
 
 def calibrate_resumably(chosen: Any, data: Any, budget: float, save: str | Path, *, extend: str | Path | None = None,
-                        earlier: list[str | Path] = (), log: Callable[[str], None] = print,
+                        earlier: Sequence[str | Path] = (), log: Callable[[str], None] = print,
                         main: bool = True) -> Any:
     """`chosen` calibrated on `data` for `budget`, to be saved at `save`. A greedy method continues, in this order
     of preference: the checkpoint an interrupted run left beside `save` (partial_path; one that does not fit is an
@@ -80,7 +80,8 @@ def calibrate_resumably(chosen: Any, data: Any, budget: float, save: str | Path,
 
     partial = partial_path(save)
     start = None
-    if chosen.greedy and partial.is_file():
+    interrupted = chosen.greedy and partial.is_file()
+    if interrupted:
         try:
             start = chosen.resume(data, LayerRecipe.load(partial), budget)
         except ConfigError as exc:
@@ -96,7 +97,7 @@ def calibrate_resumably(chosen: Any, data: Any, budget: float, save: str | Path,
                 break
             except ConfigError as exc:
                 log(f"not continuing {path}: {exc}")
-    if start is not None and not partial.is_file():
+    if start is not None and not interrupted:
         log(f"continuing {start.describe()} ({len(start.drop)} steps) to {budget:g}")
     if chosen.greedy and main:
         chosen.checkpoint = lambda step: step.save(partial)
