@@ -230,9 +230,9 @@ def main() -> None:
             from actlab.jobs.bench import bench_context
 
             contexts = [min(c, limit_len - 40) for c in map(int, args.speed_contexts.split(","))]
-            payload["speed"] = {name: bench_context(model, str(recipes[name, 0.75]), contexts, tokens=32, reps=2,
-                                                    log=log) for name in ("snapkv", "loss-aware")
-                                if (name, 0.75) in recipes}
+            # every recipe of this run (--methods x --ratios), keyed like the columns
+            payload["speed"] = {path.stem: bench_context(model, str(path), contexts, tokens=32, reps=2, log=log)
+                                for path in recipes.values()}
         out = ROOT / "bench" / "results" / f"kv_compression_{model.split('-')[0]}.json"
         merge_earlier(payload, out)
         report(payload, retrieval, args)
@@ -241,19 +241,22 @@ def main() -> None:
 
 def merge_earlier(payload: dict, path: Path) -> None:
     """Keep what an earlier run of this model wrote to `path` and this run did not measure (another part, method or
-    ratio): each column's cells, and the kvpress rows, agreement and speed this run left out."""
+    ratio): each column's cells, the recipes, kvpress rows, agreement and speed of what this run left out, and the
+    arguments of the runs before."""
     if not path.is_file():
         return
     earlier = json.loads(path.read_text())
     if earlier.get("model") != payload["model"]:
         return
+    payload["earlier_args"] = [*earlier.get("earlier_args", []), earlier["args"]]  # what made the kept cells
     for name, cells in earlier.get("columns", {}).items():
         mine = payload.setdefault("columns", {}).setdefault(name, {})
         payload["columns"][name] = {**cells, **mine, "measured": {**cells.get("measured", {}),
                                                                   **mine.get("measured", {})}}
-    for part in ("kvpress", "agreement", "speed"):
-        if part in earlier and part not in payload:
-            payload[part] = earlier[part]
+    # each keyed by recipe, task, press: the earlier run's entries, then this run's
+    for part in ("recipes", "kvpress", "agreement", "speed"):
+        if part in earlier:
+            payload[part] = {**earlier[part], **payload.get(part, {})}
 
 
 def report(payload: dict, retrieval: list[str], args) -> None:
@@ -292,7 +295,7 @@ def report(payload: dict, retrieval: list[str], args) -> None:
             f"{p}: {a['identical']:.1%} of heads identical, Jaccard {a['jaccard']:.3f}" if "identical" in a else
             f"{p}: {a['error']}" for p, a in payload["agreement"].items()))
     for name, out in payload.get("speed", {}).items():
-        print(f"\n{name}@0.75 decode: " + "; ".join(
+        print(f"\n{name} decode: " + "; ".join(
             f"{r['context']}: {r['full_tok_s']:.1f} -> {r['recipe_tok_s']:.1f} tok/s ({r['speedup']:.2f}x), "
             f"{r['full_kv_mb']:.0f} -> {r['recipe_kv_mb']:.0f} MB" for r in out["contexts"]))
 
