@@ -100,6 +100,78 @@ def test_the_ragged_cache_gives_the_masked_references_greedy_tokens(tiny_lm, nam
     assert held < 0.9 * full  # the cache really holds less
 
 
+@pytest.mark.parametrize("recent", [0.0, 0.5, 1.0])
+def test_heavy_hitter_victims_are_what_h2o_scores_evict(recent):
+    """The row-space choice against H2O's scores and keep_mask over the same tokens laid out by position (some
+    dead), with tied scores and the rows shuffled."""
+    from actlab.transforms.kv.base import CacheView, keep_mask
+    from actlab.transforms.kv.h2o import H2O, heavy_hitter_victims
+
+    g = torch.Generator().manual_seed(int(recent * 10))
+    for trial in range(20):
+        t = int(torch.randint(4, 40, (1,), generator=g))
+        accumulated = torch.randint(0, 5, (1, 1, t), generator=g).float()  # small integers: many ties
+        alive = torch.rand(1, 1, t, generator=g) < 0.8
+        alive[..., -1] = True
+        held = alive[0, 0].nonzero().flatten()
+        keep = int(torch.randint(1, len(held) + 1, (1,), generator=g))
+        view = CacheView(torch.zeros(1, 1, t, 2), torch.zeros(1, 1, t, 2), alive=alive, accumulated=accumulated)
+        kept = keep_mask(H2O(recent).scores(view, torch.tensor([keep])), torch.tensor([keep]))[0, 0]
+        shuffle = torch.randperm(len(held), generator=g)
+        rows = held[shuffle]
+        victims = heavy_hitter_victims(accumulated[0, 0, rows], rows, keep, recent)
+        assert sorted(rows[victims].tolist()) == sorted(set(held.tolist()) - set(kept.nonzero().flatten().tolist()))
+
+
+@pytest.mark.parametrize("victims", [[0], [4], [1, 4], [3, 4], [0, 2, 3]])
+def test_removing_rows_keeps_every_other_row_of_the_head(victims):
+    from actlab.engine.decode import RaggedCache
+
+    k = torch.arange(2 * 8 * 3, dtype=torch.float32).view(2, 8, 3)
+    held = torch.zeros(2, 8, dtype=torch.bool)
+    held[0, [1, 2, 4, 6, 7]] = held[1, [0, 5]] = True
+    r = RaggedCache.holding(k, -k, 10, held, [6, 3])
+    r.acc = r.positions.float() / 10
+    r.remove(0, torch.tensor(victims))
+    rows = {int(p): (r.k[i].tolist(), r.v[i].tolist(), float(r.acc[i])) for i, p in enumerate(r.positions[:5])
+            if i < int(r.lens[0])}
+    expected = [10 + p for i, p in enumerate([1, 2, 4, 6, 7]) if i not in victims]
+    assert sorted(rows) == expected and int(r.lens[0]) == 5 - len(victims)
+    for p in expected:
+        assert rows[p] == (k[0, p - 10].tolist(), (-k[0, p - 10]).tolist(), pytest.approx(p / 10))
+    assert r.positions[6:8].tolist() == [10, 15] and int(r.lens[1]) == 2  # the other head untouched
+
+
+def test_the_engines_h2o_eviction_keeps_the_masked_references_tokens(tiny_lm):
+    """Decode-phase H2O with budgets that differ by layer and head: after every step of a generation, each head
+    of the engine's ragged cache holds exactly the positions the masked reference holds."""
+    from actlab.transforms.kv.budgets import visible_tokens
+    from actlab.transforms.kv.session import SESSION
+
+    ad = tiny_lm.adapter
+    ratios = pyramid(ad.num_layers, ad.num_kv_heads, 0.6)
+    if ad.num_kv_heads > 1:
+        ratios[:, 0] = 0.3
+    recipe = KVRecipe("manual", tiny_lm.identity.to_dict(), ratio=0.6, press="h2o", phase="decode",
+                      head_ratios=ratios)
+    ids = prompt_ids(tiny_lm, 32)
+    new = 20
+    with attach(tiny_lm, recipe):
+        reference = hf_generate(tiny_lm, ids, new)
+        states = ad.layers[0].attn.__dict__[SESSION].layers
+        end = len(ids) + new - 1
+        expected = {i: [states[i].alive[0, h, :end].nonzero().flatten().tolist() for h in range(ad.num_kv_heads)]
+                    for i in states}
+    engine = DecodeEngine(tiny_lm, recipe, max_len=64)
+    assert engine.generate(ids, new).tokens == reference
+    for layer, r in zip([x for x in engine.layers if x.attention], engine.ragged):
+        lo = end - visible_tokens(end, layer.window)
+        for h in range(ad.num_kv_heads):
+            o, n = int(r.offsets[h]), int(r.lens[h])
+            held = sorted(p for p in r.positions[o:o + n].tolist() if p >= lo)
+            assert held == [p for p in expected[layer.index][h] if p >= lo], (layer.index, h)
+
+
 def test_the_ragged_cache_holds_only_what_the_budget_keeps(tiny_llama):
     lm = tiny_llama
     ids = prompt_ids(lm, 64)

@@ -32,6 +32,7 @@ from actlab.models.keys import MLP_ROLES, layer_key, projection_key
 from actlab.models.loader import LoadedModel
 from actlab.probe.edit import ForwardContext
 from actlab.transforms.compose import attach
+from actlab.transforms.kv.h2o import H2O, heavy_hitter_victims
 from actlab.transforms.quant.recipe import HEAD, effective_weight
 from actlab.transforms.sparsity.budget import effective_sparsity, projection_params
 
@@ -156,6 +157,7 @@ class RaggedCache:
     lens: torch.Tensor  # [kv] int64
     caps: torch.Tensor  # [kv] int64
     state: object = None  # the session's LayerCache (which positions each head holds), for eviction while decoding
+    acc: torch.Tensor | None = None  # [rows]: H2O's running score of each row's token, for eviction in row space
 
     @classmethod
     def holding(cls, k: torch.Tensor, v: torch.Tensor, first: int, held: torch.Tensor, caps: list[int]) -> RaggedCache:
@@ -179,12 +181,36 @@ class RaggedCache:
             o, n = int(self.offsets[h]), int(self.lens[h])
             pos = self.positions[o:o + n]
             keep = ((pos < lo) | alive[h, pos.clamp(min=0)]).nonzero().flatten()
-            if len(keep) == n:
-                continue
-            m = len(keep)
-            self.k[o:o + m], self.v[o:o + m], self.positions[o:o + m] = (self.k[o + keep], self.v[o + keep],
-                                                                         pos[keep].clone())
-            self.lens[h] = m
+            if len(keep) < n:
+                self._keep_rows(h, keep)
+
+    def remove(self, h: int, rows: torch.Tensor) -> None:
+        """Remove head h's rows `rows` (distinct indices among its own): the head's last rows move into the holes,
+        so a step that evicts one token moves one row (attention does not depend on the rows' order)."""
+        o, n, k = int(self.offsets[h]), int(self.lens[h]), len(rows)
+        if k == 1:  # the usual step: one row, moved without index tensors
+            hole, last = o + int(rows[0]), o + n - 1
+            for t in (self.k, self.v, self.positions, self.acc):
+                if t is not None and hole != last:
+                    t[hole] = t[last]
+            self.lens[h] = n - 1
+            return
+        gone = torch.zeros(n, dtype=torch.bool)
+        gone[rows] = True
+        tail = torch.arange(n - k, n)
+        holes, fillers = o + rows[rows < n - k], o + tail[~gone[n - k:]]
+        for t in (self.k, self.v, self.positions, self.acc):
+            if t is not None:
+                t[holes] = t[fillers]
+        self.lens[h] = n - k
+
+    def _keep_rows(self, h: int, keep: torch.Tensor) -> None:
+        """Head h keeps only its rows `keep` (indices among its own, ascending), moved to the front in order."""
+        o, m = int(self.offsets[h]), len(keep)
+        for rows in (self.k, self.v, self.positions, self.acc):
+            if rows is not None:
+                rows[o:o + m] = rows[o + keep]  # a gather copies first: the rows may overlap their sources
+        self.lens[h] = m
 
     def held(self) -> int:
         return int(self.lens.sum())
@@ -378,7 +404,12 @@ class DecodeEngine:
             if layer.window is not None:
                 caps = [min(c, max(layer.window, int(n))) for c, n in zip(caps, held.sum(-1))]
             ragged = RaggedCache.holding(k, v, end - t, held, caps)
-            if self.kv.phase == "decode":
+            if self.kv.phase == "decode" and isinstance(self.kv_session.press, H2O):
+                ragged.acc = torch.zeros(ragged.k.shape[0])  # H2O's running scores move into the rows
+                for h in range(len(ragged.lens)):
+                    o, n = int(ragged.offsets[h]), int(ragged.lens[h])
+                    ragged.acc[o:o + n] = state.accumulated[0, h, ragged.positions[o:o + n]]
+            elif self.kv.phase == "decode":
                 state.alive, state.fresh = state.alive[:1].clone(), False
                 ragged.state = state
                 self.kv_session.layers[layer.index] = state
@@ -417,7 +448,9 @@ class DecodeEngine:
             out = self.kernels.ragged_attention(q, k, v.view(self.num_kv, self.head_dim), r.k, r.v, r.positions,
                                                 r.offsets, r.lens, r.caps, pos, layer.window or 0, cos, sin, scaling,
                                                 layer.softcap or 0.0)
-            if r.state is not None:
+            if r.acc is not None:
+                self._evict_heavy_hitters(layer, r, q, cos, sin, scaling, pos)
+            elif r.state is not None:
                 self._evict(layer, r, q, cos, sin, scaling, pos)
         else:
             start = 0 if layer.window is None else max(0, pos + 1 - layer.window)
@@ -442,6 +475,41 @@ class DecodeEngine:
         session.compress_layer(layer.index, state, q.view(1, self.num_heads, 1, self.head_dim), keys, values,
                                scaling, layer.softcap)
         r.drop(state.alive[0], end - span)
+
+    def _evict_heavy_hitters(self, layer: EngineLayer, r: RaggedCache, q: torch.Tensor, cos, sin, scaling: float,
+                             pos: int) -> None:
+        """H2O's decode-phase eviction on the rows themselves: what `_evict` decides through the position layout,
+        without rebuilding that layout every step (a step's cost then follows the budget, not the context). Each
+        head adds the attention its query heads paid this step to its tokens' running scores, then evicts down to
+        its budget for the tokens the next query sees."""
+        from actlab.engine.kernels import rotate_half
+        from actlab.transforms.kv.budgets import keep_counts, visible_tokens
+
+        if cos.numel():
+            q = q * cos + rotate_half(q) * sin
+        end = pos + 1
+        seen_from = 0 if layer.window is None else end - layer.window  # what this step's query saw
+        lo = end - visible_tokens(end, layer.window)  # what the next one will see
+        keep = keep_counts(self.kv_session.ratios[layer.index], end - lo)
+        recent = self.kv_session.press.recent
+        queries = q.view(self.num_kv, self.num_heads // self.num_kv, self.head_dim)
+        for h in range(self.num_kv):
+            o, n = int(r.offsets[h]), int(r.lens[h])
+            positions, acc = r.positions[o:o + n], r.acc[o:o + n]
+            acc[positions == pos] = 0.0  # the new token's row (perhaps one a sliding window no longer sees)
+            logits = (r.k[o:o + n] @ queries[h].T) * scaling  # [n, query heads of this KV head]
+            if layer.softcap:
+                logits = layer.softcap * torch.tanh(logits / layer.softcap)
+            if seen_from > 0:
+                logits = logits.masked_fill((positions < seen_from)[:, None], float("-inf"))
+            acc += logits.softmax(0).mean(1)
+            if lo == 0:  # every row is visible
+                victims = heavy_hitter_victims(acc, positions, int(keep[h]), recent)
+            else:
+                visible = (positions >= lo).nonzero().flatten()
+                victims = visible[heavy_hitter_victims(acc[visible], positions[visible], int(keep[h]), recent)]
+            if len(victims):
+                r.remove(h, victims)
 
     @torch.no_grad()
     def step(self, token: int, pos: int) -> int:

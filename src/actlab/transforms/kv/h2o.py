@@ -33,3 +33,19 @@ class H2O(KVPress):
             later = alive.flip(-1).long().cumsum(-1).flip(-1)  # cached tokens at or after each position
             score = score.masked_fill(alive.expand_as(score) & (later <= recent), float("inf"))
         return score
+
+
+def heavy_hitter_victims(accumulated: torch.Tensor, positions: torch.Tensor, keep: int, recent: float) -> torch.Tensor:
+    """The tokens H2O evicts from one head to hold `keep` of the tokens a query can see, given their accumulated
+    attention and positions ([m] each, in any order): indices into them. The choice `H2O.score` and `keep_mask`
+    make over the same tokens laid out by position (the `int(keep * recent)` most recent are kept, then the most
+    attended, ties to the earlier position), for a cache kept in rows (the decode engine's, one step at a time)."""
+    if len(positions) <= keep:
+        return torch.zeros(0, dtype=torch.long)
+    by_position = torch.argsort(positions)
+    score = accumulated[by_position].float().clone()
+    protected = int(keep * recent)
+    if protected:
+        score[len(score) - protected:] = float("inf")
+    order = torch.argsort(score, descending=True, stable=True)  # stable on position order: ties to the earlier
+    return by_position[order[keep:]]
