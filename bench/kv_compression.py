@@ -152,7 +152,8 @@ def agreement(ours: list, theirs: list) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2-135m")
-    ap.add_argument("--methods", default=METHODS)
+    ap.add_argument("--methods", default=METHODS, help="'' for the dense model alone (which retrieval cells are "
+                    "reliable)")
     ap.add_argument("--ratios", default="0.25,0.5,0.75,0.875")
     ap.add_argument("--kinds", default="niah_single,passkey")
     ap.add_argument("--lengths", default="1024,2048,4096")
@@ -175,7 +176,8 @@ def main() -> None:
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     for model in args.models.split(","):
         lm = actlab.load_model(model)
-        recipes = recipes_for(lm, model, args.methods.split(","), ratios, log)
+        methods = [m for m in args.methods.split(",") if m]  # none (--methods ''): the dense model alone
+        recipes = recipes_for(lm, model, methods, ratios, log)
         limit_len = lm.max_context or 10 ** 9
         retrieval = [f"{k}@{n}" for k in args.kinds.split(",") for n in map(int, args.lengths.split(","))
                      if n <= limit_len]
@@ -198,7 +200,7 @@ def main() -> None:
         if "retrieval" in parts:
             collect(evaluate_part(model, "retrieval", recipes, ",".join(retrieval), args.items, log))
         if "ppl" in parts:
-            chosen = args.ppl_methods.split(",") if args.ppl_methods else args.methods.split(",")
+            chosen = args.ppl_methods.split(",") if args.ppl_methods else methods
             at = [float(r) for r in args.ppl_ratios.split(",")] if args.ppl_ratios else ratios
             collect(evaluate_part(model, "ppl", {(m, r): p for (m, r), p in recipes.items() if m in chosen and r in at},
                                   "wikitext2_kv", args.ppl_windows, log))
