@@ -108,7 +108,7 @@ def test_heavy_hitter_victims_are_what_h2o_scores_evict(recent):
     from actlab.transforms.kv.h2o import H2O, heavy_hitter_victims
 
     g = torch.Generator().manual_seed(int(recent * 10))
-    for trial in range(20):
+    for _ in range(20):
         t = int(torch.randint(4, 40, (1,), generator=g))
         accumulated = torch.randint(0, 5, (1, 1, t), generator=g).float()  # small integers: many ties
         alive = torch.rand(1, 1, t, generator=g) < 0.8
