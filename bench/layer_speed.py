@@ -45,6 +45,23 @@ def recipe_path(lm, row: dict) -> tuple[Path | None, str]:
     return rebuilt, "rebuilt from the drop list"
 
 
+def cached_without_row(model: str, rows: list[dict]) -> list[dict]:
+    """Rows for the recipes cached in bench/.work/layers/ that the results do not hold yet (a calibration whose
+    evaluation is still running)."""
+    from layer_pruning import budget_of
+
+    from actlab.transforms.layers import LayerRecipe
+
+    have = {(r["method"], r["target"]) for r in rows}
+    out = []
+    for path in sorted(WORK.glob(f"{model}-*.json")):
+        budget = budget_of(path)
+        method = path.stem[len(model) + 1:].rsplit("-", 1)[0]
+        if budget is not None and (method, budget) not in have:
+            out.append({"model": model, "method": method, "target": budget, "drop": LayerRecipe.load(path).drop})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
@@ -69,6 +86,7 @@ def main() -> None:
     for model in args.models.split(","):
         lm = actlab.load_model(model)
         rows = json.loads((ROOT / "bench" / "results" / RESULTS[model]).read_text())["rows"]
+        rows += cached_without_row(model, rows)
         for row in sorted(rows, key=lambda r: (r["method"], r["target"])):
             if methods and row["method"] not in methods:
                 continue
